@@ -1,0 +1,91 @@
+"""Losses on channels-last logits `(B, *spatial, C)` and integer labels `(B, *spatial)`.
+
+`valid (B, *spatial)` marks voxels inside the volume; padding outside it never counts.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _valid_weights(labels, valid):
+  if valid is None:
+    return jnp.ones(labels.shape, jnp.float32)
+  return jnp.asarray(valid, jnp.float32)
+
+
+def cross_entropy(logits, labels, valid=None, class_weights=None):
+  """Voxel-wise (optionally class-weighted) cross-entropy, averaged over valid voxels.
+
+  With class weights the average is the weighted mean (sum w_y * ce / sum w_y), as in PyTorch.
+  """
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(log_probs, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  weights = _valid_weights(labels, valid)
+  if class_weights is not None:
+    weights = weights * jnp.asarray(class_weights, jnp.float32)[labels]
+  return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1e-8)
+
+
+def batch_class_weights(labels, num_classes, valid=None):
+  """Per-batch inverse-frequency class weights (disentanglement paper): w_c = 1 - n_c / n."""
+  weights = _valid_weights(labels, valid)
+  one_hot = jax.nn.one_hot(labels, num_classes) * weights[..., None]
+  counts = jnp.sum(one_hot, axis=tuple(range(one_hot.ndim - 1)))
+  return 1.0 - counts / jnp.maximum(jnp.sum(counts), 1.0)
+
+
+def soft_dice(logits, labels, valid=None, include_background=False, smooth=1e-5):
+  """1 - mean soft Dice over classes (probabilities from softmax), pooled over the batch."""
+  num_classes = logits.shape[-1]
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  target = jax.nn.one_hot(labels, num_classes)
+  weights = _valid_weights(labels, valid)[..., None]
+  axes = tuple(range(logits.ndim - 1))
+  intersection = jnp.sum(probs * target * weights, axis=axes)
+  denominator = jnp.sum((probs + target) * weights, axis=axes)
+  dice = (2 * intersection + smooth) / (denominator + smooth)
+  if not include_background:
+    dice = dice[1:]
+  return 1.0 - jnp.mean(dice)
+
+
+def probabilistic_jaccard(probs, target, valid=None, class_weights=None, smooth=1e-5):
+  """Weighted probabilistic (soft) Jaccard loss on probabilities and a one-hot/soft target.
+
+  J_c = sum(p t) / sum(p + t - p t); loss = sum_c w_c (1 - J_c) / sum_c w_c.
+  """
+  num_classes = probs.shape[-1]
+  weights = (_valid_weights(target[..., 0], valid))[..., None]
+  axes = tuple(range(probs.ndim - 1))
+  intersection = jnp.sum(probs * target * weights, axis=axes)
+  union = jnp.sum((probs + target - probs * target) * weights, axis=axes)
+  jaccard = (intersection + smooth) / (union + smooth)
+  class_weights = (jnp.ones(num_classes) if class_weights is None
+                   else jnp.asarray(class_weights, jnp.float32))
+  return jnp.sum(class_weights * (1 - jaccard)) / jnp.sum(class_weights)
+
+
+def gaussian_kl(mean, log_var):
+  """KL(N(mean, exp(log_var)) || N(0, I)), summed over the code, averaged over the batch."""
+  kl = 0.5 * jnp.sum(jnp.exp(log_var) + mean**2 - 1.0 - log_var, axis=-1)
+  return jnp.mean(kl)
+
+
+def masked_l1(prediction, target, valid=None):
+  """Mean absolute error over valid entries (valid broadcastable to prediction)."""
+  if valid is None:
+    return jnp.mean(jnp.abs(prediction - target))
+  valid = jnp.broadcast_to(jnp.asarray(valid, jnp.float32), prediction.shape)
+  return jnp.sum(jnp.abs(prediction - target) * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+def segmentation_loss(logits, labels, valid=None, *, ce_weight=1.0, dice_weight=0.0,
+                      class_weights=None):
+  """ce_weight * CE + dice_weight * soft Dice, the common segmentation objective."""
+  loss = 0.0
+  if ce_weight:
+    loss = loss + ce_weight * cross_entropy(logits, labels, valid, class_weights)
+  if dice_weight:
+    loss = loss + dice_weight * soft_dice(logits, labels, valid)
+  return loss

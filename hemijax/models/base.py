@@ -1,0 +1,109 @@
+"""The method contract: a method is a Flax model plus a pure loss function.
+
+A model is a `flax.linen.Module` whose `__call__(image, modality_mask, train=False)` maps a
+channels-last `image (B, *spatial, M)` and a boolean `modality_mask (B, M)` to logits
+`(B, *spatial, C)`. Models with per-modality encoders also define `encode(image)` ->
+features `(B, M, ...)` and `decode(features, modality_mask)` -> logits, so that evaluation encodes
+each modality once and decodes every subset from the same features.
+
+`loss_fn(params, model_state, batch, key, step) -> (loss, (metrics, new_model_state))` is pure;
+`model_state` holds the non-trained collections (e.g. batch statistics), `{}` for most models.
+The training loop and evaluation only ever see a `Method`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hemijax import dropout as dropout_lib
+from hemijax import losses
+
+LossFn = Callable[..., tuple[jax.Array, tuple[dict, dict]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  name: str
+  model: nn.Module
+  loss_fn: LossFn
+  modalities: tuple[str, ...]
+  num_classes: int
+  spatial_dims: int
+
+  def init(self, key, image, modality_mask):
+    """Initial variables {'params': ..., other collections...}."""
+    variables = self.model.init(key, image, modality_mask, train=False)
+    return dict(variables)
+
+  def apply(self, variables, image, modality_mask):
+    """Inference logits (deterministic; batch statistics frozen)."""
+    return self.model.apply(variables, image, modality_mask, train=False)
+
+  @property
+  def has_encoder(self) -> bool:
+    return hasattr(self.model, "encode") and hasattr(self.model, "decode")
+
+  def encode(self, variables, image):
+    return self.model.apply(variables, image, method="encode")
+
+  def decode(self, variables, features, modality_mask):
+    return self.model.apply(variables, features, modality_mask, method="decode")
+
+
+def check_modality_mask(modality_mask, num_modalities, option="modality_mask"):
+  """Python-boundary validation of a concrete mask: right shape, boolean, never empty."""
+  mask = np.asarray(modality_mask)
+  if mask.ndim != 2 or mask.shape[1] != num_modalities:
+    raise ValueError(f"{option} must have shape (batch, {num_modalities}), got {mask.shape}")
+  if mask.dtype != bool:
+    raise ValueError(f"{option} must be boolean, got {mask.dtype}")
+  if not mask.any(axis=1).all():
+    empty = np.flatnonzero(~mask.any(axis=1)).tolist()
+    raise ValueError(f"{option}: empty modality set for batch item(s) {empty}")
+  return mask
+
+
+def check_image(image, num_modalities, spatial_dims, option="image"):
+  shape = np.shape(image)
+  if len(shape) != spatial_dims + 2 or shape[-1] != num_modalities:
+    raise ValueError(f"{option} must have shape (batch, {spatial_dims} spatial dims..., "
+                     f"{num_modalities}), got {shape}")
+
+
+def zero_missing(image, modality_mask):
+  """Zeroes the channels of absent modalities so no encoder ever reads their values."""
+  return jnp.where(modality_mask[:, *([None] * (image.ndim - 2)), :], image, 0)
+
+
+def supervised_segmentation_loss(model: nn.Module, config) -> LossFn:
+  """Loss for models trained end to end on segmentation with a modality-dropout sampler."""
+  sampler = dropout_lib.make_sampler(config.dropout)
+  loss_cfg = config.loss
+  class_weights = loss_cfg.get("class_weights", None)
+  mutable = list(loss_cfg.get("mutable", ()))
+
+  def loss_fn(params, model_state, batch, key, step):
+    dropout_key, model_key = jax.random.split(key)
+    mask = sampler(dropout_key, batch["modality_mask"], step)
+    variables = {"params": params, **model_state}
+    if mutable:
+      logits, new_state = model.apply(variables, batch["image"], mask, train=True,
+                                      mutable=mutable, rngs={"dropout": model_key})
+    else:
+      logits = model.apply(variables, batch["image"], mask, train=True,
+                           rngs={"dropout": model_key})
+      new_state = model_state
+    valid = batch.get("valid")
+    ce = losses.cross_entropy(logits, batch["label"], valid, class_weights)
+    dice = losses.soft_dice(logits, batch["label"], valid)
+    loss = loss_cfg.ce_weight * ce + loss_cfg.dice_weight * dice
+    metrics = {"loss": loss, "cross_entropy": ce, "soft_dice_loss": dice,
+               "modalities_kept": jnp.mean(jnp.sum(mask, axis=-1))}
+    return loss, (metrics, dict(new_state))
+
+  return loss_fn

@@ -1,0 +1,7 @@
+"""Test setup: repository root importable (configs/), small and deterministic."""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
