@@ -7,6 +7,12 @@ from hemijax.models.base import Method
 
 METHODS = {
     "hemis": "hemijax.models.hemis",
+    "unet": "hemijax.models.unet",
+    "mlp_impute": "hemijax.models.mlp_impute",
+    "urn": "hemijax.models.urn",
+    "pimms": "hemijax.models.pimms",
+    "disentangle": "hemijax.models.disentangle",
+    "joint": "hemijax.models.joint",
 }
 
 

@@ -24,6 +24,24 @@ from hemijax import dropout as dropout_lib
 from hemijax import losses
 
 LossFn = Callable[..., tuple[jax.Array, tuple[dict, dict]]]
+# (config, load_split) -> (step -> host batch dict); load_split(split) -> list of Volumes.
+BatchesFn = Callable[[Any, Callable], Callable[[int], dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One phase of training: its loss, length, optimiser and which parameters it trains.
+
+  Stages run in order and share the parameters; each starts a fresh optimiser state. Steps are
+  counted globally (stage 2 of a 100 + 50 step run covers steps 100..149), so resuming works.
+  """
+  name: str
+  loss_fn: LossFn
+  num_steps: int
+  optimizer: Any                             # optimizer config dict (hemijax.training.optim)
+  trainable: tuple[str, ...] | None = None   # top-level parameter names trained; None: all
+  make_batches: BatchesFn | None = None      # None: the config's patch sampler on its dataset
+  validate: bool = True                      # segmentation validation after this stage's evals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +52,13 @@ class Method:
   modalities: tuple[str, ...]
   num_classes: int
   spatial_dims: int
+  size_multiple: int = 1  # spatial sizes the model accepts are multiples of this (U-Net depth)
+  stages: tuple[Stage, ...] = ()  # empty: one stage of loss_fn with config.train/optimizer
+
+  def training_stages(self, config) -> tuple[Stage, ...]:
+    if self.stages:
+      return self.stages
+    return (Stage("train", self.loss_fn, config.train.num_steps, config.optimizer),)
 
   def init(self, key, image, modality_mask):
     """Initial variables {'params': ..., other collections...}."""

@@ -1,0 +1,42 @@
+r"""Evaluates a trained workdir on every non-empty subset of its modalities.
+
+  python evaluate.py --workdir runs/hemis [--data DIR --layout auto] [--split test]
+      [--subsets all|flair+t1,t2] [--compare runs/unet ...] [--out DIR]
+
+Writes cases.csv, summary.md/.json, dice_by_subset.png and overlays to --out (default WORKDIR/eval)
+and prints the Dice table.
+"""
+import argparse
+
+from hemijax import cli
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--data", default=None, help="dataset folder (default: the run's data)")
+  parser.add_argument("--layout", default="auto",
+                      choices=("auto", "brats2018", "brats", "nnunet", "manifest"))
+  parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+  parser.add_argument("--subsets", default="all")
+  parser.add_argument("--compare", nargs="*", default=(), metavar="OTHER_WORKDIR")
+  parser.add_argument("--out", default=None)
+  parser.add_argument("--step", default="best", help='"best", "latest" or a step number')
+  args = parser.parse_args()
+
+  def run():
+    from hemijax import evaluation
+    from hemijax.evaluate_workdir import evaluate_workdir
+
+    summary = evaluate_workdir(args.workdir, data=args.data, layout=args.layout,
+                               split=args.split, subsets=args.subsets, out=args.out,
+                               compare=args.compare, step=args.step)
+    print(evaluation.summary_markdown(summary, title=f"{summary['method']}: Dice by subset"))
+    if "comparison" in summary:
+      print(open(summary["comparison"]).read())
+
+  cli.run(run)
+
+
+if __name__ == "__main__":
+  main()

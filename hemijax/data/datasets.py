@@ -1,0 +1,65 @@
+"""The dataset a config names: a user's folder, or the built-in phantom generated once and cached."""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+
+from hemijax.data import layouts, preprocess
+from hemijax.data.tasks import get_task
+
+
+def phantom_root(config) -> pathlib.Path:
+  d = config.data
+  name = (f"{config.task}_n{d.phantom_subjects}_seed{d.phantom_seed}_sp{d.phantom_spacing:g}"
+          f"_miss{d.phantom_missing_rate:g}")
+  return pathlib.Path(d.cache_dir) / "phantoms" / name
+
+
+def ensure_phantom(config) -> pathlib.Path:
+  """Generates the config's phantom dataset once (into a temporary folder, then renamed)."""
+  root = phantom_root(config)
+  if (root / "splits.json").is_file():
+    return root
+  from hemijax.data import phantom  # heavy (templates); only when generating
+
+  root.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+  try:
+    d = config.data
+    phantom.write_dataset(tmp, task=config.task, n_subjects=d.phantom_subjects,
+                          seed=d.phantom_seed, spacing=d.phantom_spacing, layout="brats",
+                          missing_rate=d.phantom_missing_rate)
+    if root.exists():  # another process finished first
+      shutil.rmtree(tmp)
+    else:
+      os.replace(tmp, root)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return root
+
+
+def dataset_root(config) -> pathlib.Path:
+  if config.data.root:
+    root = pathlib.Path(config.data.root)
+    if not root.is_dir():
+      raise ValueError(f"config.data.root: {root} is not a folder")
+    return root
+  return ensure_phantom(config)
+
+
+def load_split(config, split: str | None, root=None, layout=None):
+  """Preprocessed volumes of one split (None: every case)."""
+  task = get_task(config.task)
+  root = pathlib.Path(root) if root is not None else dataset_root(config)
+  return preprocess.load_dataset(
+      root, modalities=tuple(config.modalities), label_values=task.label_values,
+      layout=layout or config.data.layout, split=split,
+      target_spacing=config.data.target_spacing,
+      cache_dir=pathlib.Path(config.data.cache_dir) / "preprocessed")
+
+
+def has_splits(root) -> bool:
+  return layouts.read_splits(root) is not None

@@ -1,0 +1,504 @@
+"""Finding the cases of a dataset on disk: BraTS 2018, BraTS 2020/2021, nnU-Net raw, manifest.
+
+Every layout is reduced to a list of `CaseFiles` (case id, modality -> file, label file). Modality
+names are the lower-case BraTS suffixes (`flair`, `t1`, `t1ce`, `t2`); nnU-Net channel names and
+manifest columns are mapped onto them. A missing modality file is not an error: the case simply
+lacks that key in `images`. Only opening directories and small text files happens here; image
+contents are checked in `preprocess.check_case`.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import pathlib
+import re
+
+from hemijax.data.io import DataError, is_nifti, one_line, problem, strip_nifti_suffix
+from hemijax.data.tasks import KNOWN_MODALITIES, check_modalities
+
+LAYOUTS = ("brats2018", "brats", "nnunet", "manifest")
+
+# Spellings seen in BraTS releases, nnU-Net/MSD dataset.json files and manifests, compared after
+# lower-casing and dropping '-', '_', ' ' (so 'T1-Gd', 't1_ce' and 'T2 FLAIR' all match).
+MODALITY_ALIASES = {
+    "flair": "flair", "t2flair": "flair", "t2f": "flair",
+    "t1": "t1", "t1w": "t1", "t1n": "t1", "t1native": "t1",
+    "t1ce": "t1ce", "t1gd": "t1ce", "t1c": "t1ce", "t1wce": "t1ce", "t1post": "t1ce",
+    "t1contrast": "t1ce",
+    "t2": "t2", "t2w": "t2",
+}
+LABEL_SUFFIXES = ("seg", "segm", "label")
+MANIFEST_NAMES = ("manifest.csv", "manifest.json")
+CASE_ID_COLUMNS = ("case_id", "case", "subject_id", "subject", "id")
+LABEL_COLUMNS = ("label", "seg", "segmentation")
+SPLITS_FILE = "splits.json"
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseFiles:
+  """The files of one case. `images` holds only modalities whose file exists (or is listed)."""
+  case_id: str
+  images: dict[str, pathlib.Path]
+  label: pathlib.Path | None
+  origin: pathlib.Path | None = None  # case folder or manifest, for messages about the whole case
+
+  @property
+  def where(self) -> pathlib.Path | str:
+    """What to name in a message about the case as a whole."""
+    if self.origin is not None:
+      return self.origin
+    return next(iter(self.images.values()), self.case_id)
+
+  @property
+  def files(self) -> list[pathlib.Path]:
+    return list(self.images.values()) + ([self.label] if self.label is not None else [])
+
+
+def canonical_modality(name: str) -> str | None:
+  """Maps a channel/column/suffix name onto a KNOWN_MODALITIES name, or None if it is not one."""
+  return MODALITY_ALIASES.get(re.sub(r"[\s_\-]", "", str(name).strip().lower()))
+
+
+def _requested_modalities(modalities):
+  if modalities is None:
+    return KNOWN_MODALITIES
+  try:
+    return check_modalities(modalities)
+  except ValueError as e:
+    raise DataError(one_line(e)) from None
+
+
+class _Problems:
+  """Raises the first problem (training) or collects them all (verify)."""
+
+  def __init__(self, collect: bool):
+    self.collect = collect
+    self.items: list[DataError] = []
+
+  def __call__(self, error: DataError):
+    if not self.collect:
+      raise error
+    self.items.append(error)
+
+
+def _visible(path: pathlib.Path) -> bool:
+  return not path.name.startswith(".")
+
+
+def _subdirs(path: pathlib.Path) -> list[pathlib.Path]:
+  return sorted(p for p in path.iterdir() if p.is_dir() and _visible(p))
+
+
+def _check_root(root) -> pathlib.Path:
+  root = pathlib.Path(root)
+  if not root.exists():
+    raise problem(root, "no such file or folder")
+  if root.is_dir() and not any(_visible(p) for p in root.iterdir()):
+    raise problem(root, "empty folder")
+  return root
+
+
+def _find_manifest(root: pathlib.Path) -> pathlib.Path | None:
+  """root itself, root/manifest.{csv,json}, or root's only CSV if it has a case_id column (BraTS
+  folders hold CSVs like name_mapping.csv that are not manifests)."""
+  if root.is_file():
+    return root if root.suffix.lower() in (".csv", ".json") else None
+  for name in MANIFEST_NAMES:
+    if (root / name).is_file():
+      return root / name
+  csvs = sorted(p for p in root.glob("*.csv") if _visible(p))
+  if len(csvs) == 1 and _has_case_id_column(csvs[0]):
+    return csvs[0]
+  return None
+
+
+def _has_case_id_column(path: pathlib.Path) -> bool:
+  try:
+    with open(path, newline="") as f:
+      header = next(csv.reader(f), [])
+  except (OSError, UnicodeDecodeError, csv.Error):
+    return False
+  return any(h.strip().lower() in CASE_ID_COLUMNS for h in header)
+
+
+def _looks_like_brats_case(folder: pathlib.Path) -> bool:
+  for f in folder.iterdir():
+    if is_nifti(f.name):
+      suffix = strip_nifti_suffix(f.name).rsplit("_", 1)[-1]
+      if canonical_modality(suffix) or suffix.lower() in LABEL_SUFFIXES:
+        return True
+  return False
+
+
+def detect_layout(root) -> str:
+  """Guesses the layout of `root` (a folder, or a manifest file); DataError naming it if unsure."""
+  root = _check_root(root)
+  if root.is_file():
+    if _find_manifest(root):
+      return "manifest"
+    raise problem(root, "not a folder or a manifest (.csv/.json)")
+  has_images = (root / "imagesTr").is_dir() or (root / "imagesTs").is_dir()
+  if (root / "dataset.json").is_file() and has_images:
+    return "nnunet"
+  if (root / "HGG").is_dir() or (root / "LGG").is_dir():
+    return "brats2018"
+  if _find_manifest(root):
+    return "manifest"
+  if any(_looks_like_brats_case(d) for d in _subdirs(root)):
+    return "brats"
+  raise problem(root, f"cannot detect the dataset layout (none of {', '.join(LAYOUTS)}); "
+                      "check the folder or pass --layout")
+
+
+# ----------------------------------------------------------------------------------------------
+# BraTS 2018 (HGG/, LGG/) and BraTS 2020/2021 (<case>/<case>_<modality>.nii.gz)
+
+
+def _brats_case(folder: pathlib.Path, wanted, report) -> CaseFiles | None:
+  case_id = folder.name
+  images: dict[str, pathlib.Path] = {}
+  label = None
+  for f in sorted(folder.iterdir()):
+    if not is_nifti(f.name) or not _visible(f):
+      continue
+    stem = strip_nifti_suffix(f.name)
+    suffix = stem[len(case_id) + 1:] if stem.startswith(case_id + "_") else stem.rsplit("_", 1)[-1]
+    if suffix.lower() in LABEL_SUFFIXES:
+      if label is not None:
+        report(problem(f, f"second label file for case {case_id} (also {label.name})"))
+        continue
+      label = f
+      continue
+    modality = canonical_modality(suffix)
+    if modality is None:
+      report(problem(f, f"unknown modality {suffix!r} in the file name; known: "
+                        f"{', '.join(KNOWN_MODALITIES)} (and 'seg' for the label)"))
+      continue
+    if modality not in wanted:
+      continue
+    if modality in images:
+      report(problem(f, f"second {modality} file for case {case_id} (also {images[modality].name})"))
+      continue
+    images[modality] = f
+  return _finish_case(CaseFiles(case_id, _ordered(images, wanted), label, folder), wanted, report)
+
+
+def _ordered(images, wanted):
+  return {m: images[m] for m in wanted if m in images}
+
+
+def _finish_case(case: CaseFiles, wanted, report) -> CaseFiles | None:
+  if not case.images:
+    report(problem(case.where, f"case {case.case_id} has no image file for any of the modalities "
+                               f"{', '.join(wanted)}"))
+    return None
+  return case
+
+
+def _discover_brats(root: pathlib.Path, wanted, report) -> list[CaseFiles]:
+  return [c for c in (_brats_case(d, wanted, report) for d in _subdirs(root)) if c is not None]
+
+
+def _discover_brats2018(root: pathlib.Path, wanted, report) -> list[CaseFiles]:
+  grades = [root / g for g in ("HGG", "LGG") if (root / g).is_dir()]
+  if not grades:
+    raise problem(root, "BraTS 2018 layout needs an HGG/ or LGG/ folder")
+  cases = []
+  for grade in grades:
+    cases += [c for c in (_brats_case(d, wanted, report) for d in _subdirs(grade)) if c is not None]
+  return cases
+
+
+# ----------------------------------------------------------------------------------------------
+# nnU-Net raw: dataset.json + imagesTr/<case>_XXXX.nii.gz + labelsTr/<case>.nii.gz
+
+
+def read_dataset_json(root) -> dict:
+  """Reads and checks an nnU-Net `dataset.json` -> {"channels": {index: modality}, "labels":
+  (values...), "file_ending": str}; DataError naming dataset.json."""
+  path = pathlib.Path(root) / "dataset.json"
+  try:
+    meta = json.loads(path.read_text())
+  except FileNotFoundError:
+    raise problem(path, "not found (an nnU-Net dataset needs one)") from None
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise problem(path, f"cannot read JSON ({e})") from None
+  if not isinstance(meta, dict):
+    raise problem(path, "expected a JSON object")
+  names = meta.get("channel_names", meta.get("modality"))  # v2, v1
+  if not isinstance(names, dict) or not names:
+    raise problem(path, "needs a 'channel_names' (or 'modality') object like {\"0\": \"FLAIR\"}")
+  channels: dict[int, str] = {}
+  for key, name in names.items():
+    try:
+      index = int(key)
+    except ValueError:
+      raise problem(path, f"channel key {key!r} is not an integer") from None
+    modality = canonical_modality(name)
+    if modality is None:
+      raise problem(path, f"channel {key}: unknown modality name {name!r}; known: "
+                          f"{', '.join(KNOWN_MODALITIES)} (and spellings like FLAIR, T1, T1Gd, T2)")
+    if modality in channels.values():
+      raise problem(path, f"channel {key}: {name!r} maps to {modality}, which another channel has")
+    channels[index] = modality
+  return {"channels": channels, "labels": _nnunet_labels(path, meta.get("labels")),
+          "file_ending": str(meta.get("file_ending", ".nii.gz"))}
+
+
+def _nnunet_labels(path, labels) -> tuple[int, ...] | None:
+  if labels is None:
+    return None
+  if not isinstance(labels, dict):
+    raise problem(path, "'labels' must be an object")
+  values = set()
+  for key, value in labels.items():
+    # v2: {"name": value or [values]}; v1: {"value": "name"}.
+    items = value if isinstance(value, list) else [value]
+    if all(isinstance(v, str) for v in items):
+      items = [key]
+    for v in items:
+      try:
+        values.add(int(v))
+      except (TypeError, ValueError):
+        raise problem(path, f"label {key!r}: {v!r} is not an integer label value") from None
+  return tuple(sorted(values))
+
+
+def _discover_nnunet(root: pathlib.Path, wanted, report, include_test=False) -> list[CaseFiles]:
+  meta = read_dataset_json(root)
+  ending = meta["file_ending"]
+  subsets = [("imagesTr", "labelsTr")] + ([("imagesTs", "labelsTs")] if include_test else [])
+  found: dict[str, dict] = {}
+  for images_dir, labels_dir in subsets:
+    folder = root / images_dir
+    if not folder.is_dir():
+      if images_dir == "imagesTr":
+        raise problem(folder, "not found (an nnU-Net dataset needs imagesTr/)")
+      continue
+    for f in sorted(folder.iterdir()):
+      if not _visible(f) or not f.name.endswith(ending):
+        continue
+      match = re.fullmatch(r"(.+)_(\d{4})", f.name[:-len(ending)])
+      if match is None:
+        report(problem(f, f"not named <case>_XXXX{ending} (XXXX = channel index)"))
+        continue
+      case_id, index = match.group(1), int(match.group(2))
+      if index not in meta["channels"]:
+        report(problem(f, f"channel {index:04d} is not declared in {root / 'dataset.json'}"))
+        continue
+      entry = found.setdefault(case_id, {"images": {}, "labels_dir": root / labels_dir})
+      if entry["labels_dir"] != root / labels_dir:
+        report(problem(f, f"case {case_id} is in both imagesTr/ and imagesTs/"))
+        continue
+      modality = meta["channels"][index]
+      if modality in wanted:
+        entry["images"][modality] = f
+  cases = []
+  for case_id, entry in found.items():
+    label = entry["labels_dir"] / f"{case_id}{ending}"
+    case = CaseFiles(case_id, _ordered(entry["images"], wanted), label if label.is_file() else None,
+                     None)
+    if not case.images:
+      report(problem(root / "imagesTr", f"case {case_id} has no image file for any of the "
+                                        f"modalities {', '.join(wanted)}"))
+      continue
+    cases.append(case)
+  return cases
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifest: CSV or JSON, one row per case: case_id, one column per modality, label.
+
+
+def _read_manifest_rows(path: pathlib.Path) -> list[dict]:
+  try:
+    text = path.read_text()
+  except (OSError, UnicodeDecodeError) as e:
+    raise problem(path, f"cannot read manifest ({e})") from None
+  if path.suffix.lower() == ".json":
+    try:
+      rows = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise problem(path, f"cannot read JSON ({e})") from None
+    if isinstance(rows, dict):
+      rows = rows.get("cases")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+      raise problem(path, "expected a list of objects (or {\"cases\": [...]}), one per case")
+    return rows
+  try:
+    reader = csv.DictReader(text.splitlines())
+    rows = list(reader)
+  except csv.Error as e:
+    raise problem(path, f"cannot read CSV ({e})") from None
+  if reader.fieldnames is None:
+    raise problem(path, "empty manifest")
+  for row in rows:
+    if None in row:
+      raise problem(path, f"row {reader.line_num}: more cells than header columns")
+  return rows
+
+
+def _manifest_columns(path, columns) -> tuple[str, str | None, dict[str, str]]:
+  """Sorts header names into (case id column, label column, {column: modality})."""
+  case_col = label_col = None
+  modality_cols: dict[str, str] = {}
+  for col in columns:
+    key = str(col).strip().lower()
+    if key in CASE_ID_COLUMNS and case_col is None:
+      case_col = col
+    elif key in LABEL_COLUMNS and label_col is None:
+      label_col = col
+    else:
+      modality = canonical_modality(key)
+      if modality is None:
+        raise problem(path, f"unknown column {col!r}: not a modality ({', '.join(KNOWN_MODALITIES)}), "
+                            f"'case_id' or 'label'")
+      if modality in modality_cols.values():
+        raise problem(path, f"column {col!r} maps to {modality}, which another column has")
+      modality_cols[col] = modality
+  if case_col is None:
+    raise problem(path, "needs a 'case_id' column")
+  if not modality_cols:
+    raise problem(path, f"has no modality column ({', '.join(KNOWN_MODALITIES)})")
+  return case_col, label_col, modality_cols
+
+
+def _cell(value) -> str:
+  return "" if value is None else str(value).strip()
+
+
+def _discover_manifest(root: pathlib.Path, wanted, report) -> list[CaseFiles]:
+  path = _find_manifest(root)
+  if path is None:
+    raise problem(root, f"no manifest found ({' or '.join(MANIFEST_NAMES)})")
+  rows = _read_manifest_rows(path)
+  if not rows:
+    raise problem(path, "manifest lists no case")
+  columns = list(dict.fromkeys(k for row in rows for k in row))
+  case_col, label_col, modality_cols = _manifest_columns(path, columns)
+  base = path.parent
+  cases = []
+  for number, row in enumerate(rows, 1):
+    case_id = _cell(row.get(case_col))
+    if not case_id:
+      report(problem(path, f"row {number}: empty case_id"))
+      continue
+    images: dict[str, pathlib.Path] = {}
+    label = None
+    for col, modality in modality_cols.items():
+      cell = _cell(row.get(col))
+      if not cell or modality not in wanted:
+        continue  # an empty cell is a missing modality
+      file = base / cell
+      if not file.is_file():
+        report(problem(file, f"listed in {path} as {modality} of case {case_id}, but not found"))
+        continue
+      images[modality] = file
+    cell = _cell(row.get(label_col)) if label_col else ""
+    if cell:
+      label = base / cell
+      if not label.is_file():
+        report(problem(label, f"listed in {path} as the label of case {case_id}, but not found"))
+        label = None
+    case = CaseFiles(case_id, _ordered(images, wanted), label, path)
+    if not case.images:
+      report(problem(path, f"case {case_id} has no image for any of the modalities "
+                           f"{', '.join(wanted)}"))
+      continue
+    cases.append(case)
+  return cases
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def discover_cases_and_problems(root, layout="auto", modalities=None, *, include_test=False,
+                                collect=False):
+  """`discover_cases` that, with `collect=True`, returns (cases, problems) instead of raising at the
+  first problem inside a case (used by `verify`). Problems with the dataset as a whole (empty
+  folder, unreadable manifest or dataset.json, unknown layout) always raise."""
+  root = _check_root(root)
+  wanted = _requested_modalities(modalities)
+  if layout == "auto":
+    layout = detect_layout(root)
+  if layout not in LAYOUTS:
+    raise DataError(f"--layout: unknown layout {layout!r}; choose one of auto, {', '.join(LAYOUTS)}")
+  if root.is_file() and layout != "manifest":
+    raise problem(root, f"the {layout} layout needs a folder")
+  report = _Problems(collect)
+  if layout == "brats":
+    cases = _discover_brats(root, wanted, report)
+  elif layout == "brats2018":
+    cases = _discover_brats2018(root, wanted, report)
+  elif layout == "nnunet":
+    cases = _discover_nnunet(root, wanted, report, include_test)
+  else:
+    cases = _discover_manifest(root, wanted, report)
+  seen: dict[str, CaseFiles] = {}
+  unique = []
+  for case in cases:
+    if case.case_id in seen:
+      other = seen[case.case_id].where
+      report(problem(case.where, f"case id {case.case_id} appears twice (also {other})"))
+      continue
+    seen[case.case_id] = case
+    unique.append(case)
+  if not unique and not report.items:
+    raise problem(root, f"no case found in the {layout} layout")
+  return sorted(unique, key=lambda c: c.case_id), report.items
+
+
+def discover_cases(root, layout="auto", modalities=None, *, include_test=False) -> list[CaseFiles]:
+  """Lists the cases under `root`, sorted by case id.
+
+  `modalities` restricts (and orders) the modalities looked for (default: all known). Raises
+  `DataError` naming the folder/file on an empty folder, an unknown modality name, a case without
+  any of the modalities, or an undetectable layout. nnU-Net test cases (imagesTs/) are included
+  only with `include_test`.
+  """
+  cases, _ = discover_cases_and_problems(root, layout, modalities, include_test=include_test)
+  return cases
+
+
+def dataset_label_values(root, layout="auto") -> tuple[int, ...] | None:
+  """Label values the dataset itself declares (nnU-Net dataset.json), or None."""
+  root = pathlib.Path(root)
+  if layout == "auto":
+    layout = detect_layout(root)
+  return read_dataset_json(root)["labels"] if layout == "nnunet" else None
+
+
+def splits_path(root) -> pathlib.Path:
+  root = pathlib.Path(root)
+  return (root.parent if root.is_file() else root) / SPLITS_FILE
+
+
+def read_splits(root) -> dict[str, list[str]] | None:
+  """Reads `root/splits.json` ({"train": [...], "val": [...], "test": [...]}), or None if absent."""
+  path = splits_path(root)
+  if not path.is_file():
+    return None
+  try:
+    splits = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise problem(path, f"cannot read JSON ({e})") from None
+  if not isinstance(splits, dict):
+    raise problem(path, 'expected an object like {"train": [...], "val": [...], "test": [...]}')
+  out = {}
+  for name, ids in splits.items():
+    if name not in SPLIT_NAMES:
+      raise problem(path, f"unknown split {name!r}; expected {', '.join(SPLIT_NAMES)}")
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+      raise problem(path, f"split {name!r} must be a list of case ids (strings)")
+    out[name] = list(ids)
+  seen: dict[str, str] = {}
+  for name, ids in out.items():
+    for case_id in ids:
+      if case_id in seen:
+        where = (f"twice in {name!r}" if seen[case_id] == name
+                 else f"in both {seen[case_id]!r} and {name!r}")
+        raise problem(path, f"case {case_id} is listed {where}")
+      seen[case_id] = name
+  return out

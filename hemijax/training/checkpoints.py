@@ -1,0 +1,116 @@
+"""Checkpoints (orbax `CheckpointManager`) and the run's resolved config, saved in the workdir.
+
+The latest `keep` checkpoints are kept, and the best by validation metric is kept apart by the
+preservation policy; `best.json` names its step. The resolved config is `config.json`; resuming
+with a different model config is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as policy
+
+BEST_METRIC = "val_score"
+# Config fields that define what the parameters mean; a checkpoint is unusable if they differ.
+MODEL_FIELDS = ("method", "task", "modalities", "model")
+
+
+class CheckpointError(ValueError):
+  """A workdir whose checkpoint cannot serve the requested config."""
+
+
+def write_text_atomic(path, text: str) -> None:
+  """Writes to a temporary name in the same folder, then renames: never a half-written file."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def write_json_atomic(path, obj) -> None:
+  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(value):
+  if hasattr(value, "tolist"):
+    return value.tolist()
+  if hasattr(value, "to_dict"):
+    return value.to_dict()
+  raise TypeError(f"not JSON-serialisable: {type(value)}")
+
+
+def config_to_dict(config) -> dict:
+  """A JSON-normalised copy (tuples become lists), so saved and live configs compare equal."""
+  return json.loads(json.dumps(config.to_dict(), default=_json_default))
+
+
+def save_config(workdir, config) -> None:
+  write_json_atomic(pathlib.Path(workdir) / "config.json", config_to_dict(config))
+
+
+def load_config_dict(workdir) -> dict:
+  path = pathlib.Path(workdir) / "config.json"
+  if not path.is_file():
+    raise CheckpointError(f"{path}: no config.json; is this a hemijax training workdir?")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}: unreadable config ({e})") from None
+
+
+def check_compatible(saved: dict, config, workdir) -> None:
+  """Refuses to resume (or load) when the model-defining config fields differ."""
+  current = config_to_dict(config)
+  diffs = [f for f in MODEL_FIELDS if saved.get(f) != current.get(f)]
+  if diffs:
+    detail = "; ".join(f"{f}: saved {saved.get(f)!r} vs now {current.get(f)!r}" for f in diffs)
+    raise CheckpointError(
+        f"{workdir}: checkpoint was trained with another model config ({detail}); "
+        "use a new --workdir or the saved config")
+
+
+def make_manager(workdir, keep: int = 2) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      create=True,
+      enable_async_checkpointing=False,  # a save is complete (and atomic) when it returns
+      preservation_policy=policy.AnyPreservationPolicy([
+          policy.LatestN(n=keep),
+          policy.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+                       keep_checkpoints_without_metrics=False),
+      ]),
+  )
+  return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints", options=options)
+
+
+def save(manager, step: int, state, metrics: dict | None = None) -> None:
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+               metrics=metrics, force=True)
+  manager.wait_until_finished()
+
+
+def restore(manager, step: int, abstract_state):
+  """Restores `state` at `step` into the structure/shardings of `abstract_state`."""
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  return restored["state"]
+
+
+def best_step(workdir) -> int | None:
+  path = pathlib.Path(workdir) / "best.json"
+  return json.loads(path.read_text())["step"] if path.is_file() else None
+
+
+def record_best(workdir, step: int, score: float) -> None:
+  write_json_atomic(pathlib.Path(workdir) / "best.json", {"step": step, BEST_METRIC: score})

@@ -1,0 +1,299 @@
+"""The training loop: data -> jitted step -> logs, validation, checkpoints. Knows no method.
+
+Batch `s` is sampled with `np.random.default_rng((seed, s))` and the step key is
+`fold_in(key(seed), s)`, so a run resumed from a checkpoint at step s continues with exactly the
+numbers an uninterrupted run would have produced.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import queue
+import threading
+import time
+
+import jax
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from hemijax import metrics as metrics_lib
+from hemijax import inference
+from hemijax.data import datasets, sampling
+from hemijax.data.preprocess import class_ids_to_label_values
+from hemijax.data.tasks import get_task
+from hemijax.models import get_method
+from hemijax.training import checkpoints, optim, sharding
+from hemijax.training import step as step_lib
+
+
+EARLY_STOP_FILE = "early_stopped.json"
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot go on (non-finite loss, incompatible workdir)."""
+
+
+class BatchPrefetcher:
+  """Samples batches for steps [start, stop) on a background thread, in order."""
+
+  def __init__(self, make_batch, start: int, stop: int, depth: int = 3):
+    self._queue = queue.Queue(maxsize=depth)
+    self._thread = threading.Thread(target=self._run, args=(make_batch, start, stop), daemon=True)
+    self._thread.start()
+
+  def _run(self, make_batch, start, stop):
+    for step in range(start, stop):
+      try:
+        self._queue.put((step, make_batch(step), None))
+      except Exception as e:  # surfaced in the main thread
+        self._queue.put((step, None, e))
+        return
+
+  def get(self, step: int):
+    got_step, batch, error = self._queue.get()
+    if error is not None:
+      raise error
+    assert got_step == step, (got_step, step)
+    return batch
+
+
+def make_batch_fn(config, volumes):
+  """`step -> host batch`: deterministic in (seed, step); balanced sampling first if configured."""
+  d = config.data
+  task = get_task(config.task)
+  balanced_until = int(d.balanced_fraction * config.train.num_steps) if d.sampling == "balanced" else 0
+  samplers = {}
+
+  def strategy_for(step):
+    if d.sampling == "balanced":
+      return "balanced" if step < balanced_until else "uniform"
+    return d.sampling
+
+  def make_batch(step):
+    strategy = strategy_for(step)
+    if strategy not in samplers:
+      samplers[strategy] = sampling.Sampler(
+          volumes, patch_size=tuple(d.patch_size), strategy=strategy,
+          lesion_class=d.get("lesion_class", None))
+    rng = np.random.default_rng((config.seed, step))
+    return samplers[strategy].sample(rng, d.batch_size)
+
+  del task
+  return make_batch
+
+
+def validation_masks(volumes, seed: int) -> list[np.ndarray]:
+  """Per case: all available modalities, and one fixed random non-empty subset of them."""
+  out = []
+  for i, vol in enumerate(volumes):
+    rng = np.random.default_rng((seed, 7919, i))
+    avail = np.flatnonzero(vol.available)
+    keep = rng.choice(avail, size=rng.integers(1, len(avail) + 1), replace=False)
+    dropped = np.zeros_like(vol.available)
+    dropped[keep] = True
+    out.append(np.stack([vol.available, dropped]))
+  return out
+
+
+def validate(method, variables, volumes, masks, config) -> dict:
+  """Mean region Dice on the validation cases, with all modalities and with random ones dropped."""
+  task = get_task(config.task)
+  forward = inference.make_window_forward(method, variables)
+  scores = {"all": [], "dropped": []}
+  for vol, case_masks in zip(volumes, masks):
+    probs = inference.predict_probabilities(
+        method, variables, vol.image, case_masks, roi=config.eval.roi_size or config.data.patch_size,
+        overlap=config.eval.overlap, batch_size=config.eval.sw_batch_size,
+        blend=config.eval.blend, forward=forward)
+    truth = class_ids_to_label_values(vol.label, task.label_values)
+    for name, p in zip(("all", "dropped"), probs):
+      pred = class_ids_to_label_values(np.argmax(p, -1), task.label_values)
+      regions = metrics_lib.region_masks(pred, task.regions)
+      true_regions = metrics_lib.region_masks(truth, task.regions)
+      scores[name].append(np.mean([metrics_lib.dice(regions[r], true_regions[r]) for r in regions]))
+  result = {f"val_dice_{k}": float(np.mean(v)) for k, v in scores.items()}
+  result[checkpoints.BEST_METRIC] = 0.5 * (result["val_dice_all"] + result["val_dice_dropped"])
+  return result
+
+
+def _append_jsonl(path, record):
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def _truncate_jsonl(path, last_step):
+  """Drops log lines written after the checkpoint a resumed run restarts from."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    return
+  lines = [l for l in path.read_text().splitlines() if l.strip()]
+  kept = [l for l in lines if json.loads(l).get("step", 0) <= last_step]
+  checkpoints.write_text_atomic(path, "".join(l + "\n" for l in kept))
+
+
+def plot_curves(metrics_path, png_path):
+  """Training loss and validation scores against step (PNG, written atomically)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  records = [json.loads(l) for l in pathlib.Path(metrics_path).read_text().splitlines() if l]
+  train = [r for r in records if r["split"] == "train"]
+  val = [r for r in records if r["split"] == "val"]
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+  axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
+  axes[0].set(xlabel="step", ylabel="training loss", yscale="log")
+  for key in ("val_dice_all", "val_dice_dropped"):
+    axes[1].plot([r["step"] for r in val], [r[key] for r in val], marker="o", label=key)
+  axes[1].set(xlabel="step", ylabel="validation Dice", ylim=(0, 1))
+  axes[1].legend()
+  fig.tight_layout()
+  tmp = pathlib.Path(png_path).with_suffix(".tmp.png")
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  tmp.replace(png_path)
+
+
+def stage_optimizer(stage, params_example=None):
+  """The stage's optimiser; parameters outside `stage.trainable` get zero updates (frozen)."""
+  opt = optim.make_optimizer(stage.optimizer, stage.num_steps)
+  if stage.trainable is None:
+    return opt
+  trainable = set(stage.trainable)
+  labels = lambda params: {k: jax.tree.map(lambda _: "train" if k in trainable else "freeze", v)
+                           for k, v in params.items()}
+  return optax.multi_transform({"train": opt, "freeze": optax.set_to_zero()}, labels)
+
+
+def stage_bounds(stages) -> list[tuple[int, int]]:
+  """Global [start, end) steps of each stage."""
+  bounds, start = [], 0
+  for stage in stages:
+    bounds.append((start, start + stage.num_steps))
+    start += stage.num_steps
+  return bounds
+
+
+def train(config, workdir, *, progress: bool = True) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  sharding.maybe_initialize_distributed()
+  if (workdir / "config.json").is_file():
+    checkpoints.check_compatible(checkpoints.load_config_dict(workdir), config, workdir)
+  checkpoints.save_config(workdir, config)
+  if (workdir / EARLY_STOP_FILE).is_file():
+    return {}  # finished by early stopping; a re-run must not train on
+
+  method = get_method(config)
+  stages = method.training_stages(config)
+  bounds = stage_bounds(stages)
+  root = datasets.dataset_root(config)
+  split_cache = {}
+
+  def load_split(split):
+    if split not in split_cache:
+      split_cache[split] = datasets.load_split(config, split, root=root)
+    return split_cache[split]
+
+  val_volumes = load_split("val")[:config.train.val_cases]
+  val_masks = validation_masks(val_volumes, config.seed)
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(config.data.batch_size, mesh)
+  manager = checkpoints.make_manager(workdir, keep=config.train.keep_checkpoints)
+  resume_step = manager.latest_step()
+  best = checkpoints.best_step(workdir)
+  tracker = {"best_score": -np.inf, "last": {}}
+  if best is not None:
+    tracker["best_score"] = json.loads((workdir / "best.json").read_text())[checkpoints.BEST_METRIC]
+
+  with jax.set_mesh(mesh):
+    state = None
+    for stage, (begin, end) in zip(stages, bounds):
+      if resume_step is not None and resume_step >= end and stage is not stages[-1]:
+        continue  # finished before the interruption
+      if stage.make_batches:
+        make_batch = stage.make_batches(config, load_split)
+      else:
+        make_batch = make_batch_fn(config, load_split("train"))
+      optimizer = stage_optimizer(stage)
+      example = sharding.put_batch(make_batch(begin), mesh)
+      if state is None:
+        state = jax.jit(
+            lambda b: step_lib.init_state(method, optimizer, jax.random.key(config.seed), b),
+            out_shardings=sharding.replicated(mesh))(example)
+        if resume_step is not None:
+          # The checkpoint holds the optimiser state of the stage it was written in.
+          saved_stage = next(i for i, (b, e) in enumerate(bounds) if resume_step <= e and
+                             (resume_step > b or i == 0))
+          if stages[saved_stage] is not stage:
+            abstract = dict(state, opt_state=stage_optimizer(stages[saved_stage]).init(
+                state["params"]))
+          else:
+            abstract = state
+          state = checkpoints.restore(manager, int(resume_step), abstract)
+          _truncate_jsonl(workdir / "metrics.jsonl", resume_step)
+      if int(state["step"]) >= end:
+        continue
+      if int(state["step"]) == begin:  # a fresh optimiser for a stage that starts now
+        state = dict(state, opt_state=jax.jit(optimizer.init,
+                                              out_shardings=sharding.replicated(mesh))(
+                                                  state["params"]))
+      state = _run_stage(config, workdir, method, stage, begin, end, state, optimizer, make_batch,
+                         mesh, manager, val_volumes, val_masks, tracker, progress,
+                         is_last=stage is stages[-1])
+    manager.close()
+  return tracker["last"]
+
+
+def _run_stage(config, workdir, method, stage, begin, end, state, optimizer, make_batch, mesh,
+               manager, val_volumes, val_masks, tracker, progress, is_last):
+  train_step = jax.jit(step_lib.make_train_step(stage.loss_fn, optimizer, config.seed),
+                       donate_argnums=0)
+  start = int(state["step"])
+  evals_since_best = 0
+  prefetch = BatchPrefetcher(make_batch, start, end)
+  bar = tqdm(range(start, end), initial=start - begin, total=end - begin, disable=not progress,
+             desc=f"{config.method}:{stage.name}", dynamic_ncols=True)
+  tick, tick_step = time.perf_counter(), start
+  for step in bar:
+    batch = sharding.put_batch(prefetch.get(step), mesh)
+    state, step_metrics = train_step(state, batch)
+    if not bool(step_metrics["finite"]):
+      raise TrainingError(
+          f"non-finite loss or gradient at step {step}; stopped, the last good checkpoint "
+          f"(step {manager.latest_step()}) is kept in {workdir}/checkpoints")
+    done = step + 1
+    if done % config.train.log_every == 0 or done == end:
+      now = time.perf_counter()
+      host = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "finite"}
+      host["steps_per_s"] = (done - tick_step) / max(now - tick, 1e-9)
+      tick, tick_step = now, done
+      tracker["last"] = dict(step=done, split="train", stage=stage.name, **host)
+      _append_jsonl(workdir / "metrics.jsonl", tracker["last"])
+      bar.set_postfix(loss=f"{host['loss']:.4f}", it_s=f"{host['steps_per_s']:.1f}")
+    val = None
+    if (stage.validate and val_volumes
+        and ((done - begin) % config.train.eval_every == 0 or done == end)):
+      variables = {"params": state["params"], **state["model_state"]}
+      val = validate(method, variables, val_volumes, val_masks, config)
+      _append_jsonl(workdir / "metrics.jsonl", dict(step=done, split="val", stage=stage.name, **val))
+      bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
+    if val is not None or (done - begin) % config.train.checkpoint_every == 0 or done == end:
+      checkpoints.save(manager, done, state, metrics=val)
+    if val is not None:
+      if val[checkpoints.BEST_METRIC] > tracker["best_score"]:
+        tracker["best_score"], evals_since_best = val[checkpoints.BEST_METRIC], 0
+        checkpoints.record_best(workdir, done, tracker["best_score"])
+      else:
+        evals_since_best += 1
+      plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+      patience = config.train.patience
+      # Early stopping ends the run, so it applies to the last stage only.
+      if patience is not None and evals_since_best >= patience and is_last:
+        bar.write(f"early stopping at step {done}: no improvement in {patience} evaluations")
+        checkpoints.write_json_atomic(workdir / EARLY_STOP_FILE, {"step": done})
+        break
+  bar.close()
+  return state

@@ -1,0 +1,141 @@
+"""End to end at smoke size: train, resume after SIGKILL, data parallel, evaluate, predict, errors."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMOKE = "configs/hemis.py:smoke"
+
+
+def run_cli(args, cache_dir, env_extra=None, check=True, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **(env_extra or {}))
+  cmd = [sys.executable] + args
+  if args[0] == "train.py":
+    cmd += [f"--config.data.cache_dir={cache_dir}", "--progress=false"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"{args} failed:\n{proc.stderr[-3000:]}")
+  return proc
+
+
+def final_params(workdir):
+  """Parameters of the latest checkpoint, as a flat dict of arrays."""
+  from hemijax.predictor import load_run
+  import jax
+  _, _, variables = load_run(workdir, step="latest")
+  leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+
+
+def losses(workdir):
+  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return [(r["step"], r["loss"]) for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir):
+  workdir = tmp_path_factory.mktemp("runs") / "hemis"
+  run_cli(["train.py", f"--config={SMOKE}", f"--workdir={workdir}",
+           "--config.train.num_steps=8", "--config.data.batch_size=4"], cache_dir)
+  return workdir
+
+
+def test_train_writes_checkpoints_logs_and_curves(trained):
+  assert (trained / "config.json").is_file()
+  assert (trained / "curves.png").stat().st_size > 0
+  steps = [s for s, _ in losses(trained)]
+  assert steps == list(range(1, 9))
+  assert json.loads((trained / "best.json").read_text())["step"] in (3, 6, 8)
+
+
+def test_sigkill_and_resume_gives_the_same_parameters(trained, tmp_path, cache_dir):
+  workdir = tmp_path / "killed"
+  args = ["train.py", f"--config={SMOKE}", f"--workdir={workdir}",
+          "--config.train.num_steps=8", "--config.data.batch_size=4"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable] + args + [f"--config.data.cache_dir={cache_dir}",
+                                                     "--progress=false"],
+                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  # Kill at a random moment after the first checkpoint exists (mid-run, possibly mid-save).
+  deadline = time.time() + 240
+  while not (workdir / "checkpoints" / "3").exists() and time.time() < deadline:
+    if proc.poll() is not None:
+      break
+    time.sleep(0.05)
+  time.sleep(np.random.default_rng().uniform(0, 0.3))
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+  run_cli(args, cache_dir)
+  resumed, reference = final_params(workdir), final_params(trained)
+  assert resumed.keys() == reference.keys()
+  for k in reference:
+    np.testing.assert_array_equal(resumed[k], reference[k], err_msg=k)
+  assert losses(workdir) == losses(trained)
+
+
+def test_data_parallel_over_four_devices_matches_one(trained, tmp_path, cache_dir):
+  workdir = tmp_path / "dp4"
+  run_cli(["train.py", f"--config={SMOKE}", f"--workdir={workdir}",
+           "--config.train.num_steps=8", "--config.data.batch_size=4"], cache_dir,
+          env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  one, four = losses(trained), losses(workdir)
+  assert [s for s, _ in one] == [s for s, _ in four]
+  np.testing.assert_allclose([l for _, l in four], [l for _, l in one], rtol=1e-4)
+
+
+def test_resume_with_another_model_config_is_refused(trained, cache_dir):
+  proc = run_cli(["train.py", f"--config={SMOKE}", f"--workdir={trained}",
+                  "--config.model.backend_kernel=5"], cache_dir, check=False)
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error:") and "another model config" in last and "backend_kernel" in last
+
+
+def test_evaluate_every_subset(trained, tmp_path, cache_dir):
+  out = tmp_path / "eval"
+  proc = run_cli(["evaluate.py", f"--workdir={trained}", f"--out={out}"], cache_dir)
+  summary = json.loads((out / "summary.json").read_text())
+  assert len(summary["subsets"]) == 15
+  assert (out / "cases.csv").is_file() and (out / "dice_by_subset.png").is_file()
+  assert "●●●●" in proc.stdout or "● | ● | ● | ●" in proc.stdout
+
+
+def test_predict_from_t1_and_flair_keeps_the_affine(trained, tmp_path, cache_dir):
+  import nibabel as nib
+  from hemijax.data import layouts
+  from hemijax.data.datasets import phantom_root
+  from hemijax.training.checkpoints import load_config_dict
+  import ml_collections
+  config = ml_collections.ConfigDict(load_config_dict(trained))
+  case = layouts.discover_cases(phantom_root(config))[0]
+  out = tmp_path / "seg.nii.gz"
+  run_cli(["predict.py", f"--workdir={trained}", f"--input=t1={case.images['t1']}",
+           f"--input=flair={case.images['flair']}", f"--output={out}"], cache_dir)
+  seg, ref = nib.load(out), nib.load(case.images["t1"])
+  np.testing.assert_allclose(seg.affine, ref.affine)
+  assert seg.shape == ref.shape
+  assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2, 4}
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--input=pd=x.nii.gz", "--output=o.nii.gz"], "unknown modality 'pd'"),
+    (["--input=t1=/nonexistent/t1.nii.gz", "--output=o.nii.gz"], "/nonexistent/t1.nii.gz"),
+    (["--input=t1", "--output=o.nii.gz"], "MODALITY=PATH"),
+])
+def test_predict_bad_input_is_one_clear_line(trained, cache_dir, args, needle):
+  proc = run_cli(["predict.py", f"--workdir={trained}"] + args, cache_dir, check=False)
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr
+  assert needle in proc.stderr.strip().splitlines()[-1]
