@@ -24,6 +24,11 @@ def base_config(method: str, task: str, preset: str) -> ml_collections.ConfigDic
       phantom_seed=0,
       phantom_spacing=2.0 if preset != "smoke" else 4.0,
       phantom_missing_rate=0.0,
+      phantom_protocol="default",
+      # A test split acquired with another protocol (e.g. "heldout"), as PIMMS evaluates.
+      phantom_test_protocol=ml_collections.FieldReference(None, field_type=str),
+      phantom_lesions=False,      # tissue task: also label lesions (class 4)
+      phantom_modalities=ml_collections.FieldReference(None, field_type=tuple),  # None: all
       cache_dir=".cache/hemijax",
       target_spacing=ml_collections.FieldReference(None, field_type=float),
       patch_size=(64, 64),

@@ -10,11 +10,32 @@ from hemijax.data import layouts, preprocess
 from hemijax.data.tasks import get_task
 
 
-def phantom_root(config) -> pathlib.Path:
+def phantom_options(config) -> dict:
+  """Keyword arguments of `phantom.write_dataset` that the config's data section sets."""
   d = config.data
-  name = (f"{config.task}_n{d.phantom_subjects}_seed{d.phantom_seed}_sp{d.phantom_spacing:g}"
-          f"_miss{d.phantom_missing_rate:g}")
-  return pathlib.Path(d.cache_dir) / "phantoms" / name
+  modalities = d.get("phantom_modalities", None)
+  return dict(task=config.task, n_subjects=d.phantom_subjects, seed=d.phantom_seed,
+              spacing=d.phantom_spacing, layout="brats", missing_rate=d.phantom_missing_rate,
+              protocol=d.get("phantom_protocol", "default"),
+              test_protocol=d.get("phantom_test_protocol", None),
+              lesions=bool(d.get("phantom_lesions", False)),
+              modalities=tuple(modalities) if modalities else None)
+
+
+def phantom_root(config) -> pathlib.Path:
+  """The cache folder of the config's phantom; its name encodes every generation option."""
+  o = phantom_options(config)
+  name = (f"{o['task']}_n{o['n_subjects']}_seed{o['seed']}_sp{o['spacing']:g}"
+          f"_miss{o['missing_rate']:g}")
+  if o["protocol"] != "default":
+    name += f"_{o['protocol']}"
+  if o["test_protocol"]:
+    name += f"_test-{o['test_protocol']}"
+  if o["lesions"]:
+    name += "_lesions"
+  if o["modalities"]:
+    name += "_" + "-".join(o["modalities"])
+  return pathlib.Path(config.data.cache_dir) / "phantoms" / name
 
 
 def ensure_phantom(config) -> pathlib.Path:
@@ -27,10 +48,8 @@ def ensure_phantom(config) -> pathlib.Path:
   root.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
   try:
-    d = config.data
-    phantom.write_dataset(tmp, task=config.task, n_subjects=d.phantom_subjects,
-                          seed=d.phantom_seed, spacing=d.phantom_spacing, layout="brats",
-                          missing_rate=d.phantom_missing_rate)
+    options = phantom_options(config)
+    phantom.write_dataset(tmp, **options)
     if root.exists():  # another process finished first
       shutil.rmtree(tmp)
     else:
