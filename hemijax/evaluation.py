@@ -30,12 +30,12 @@ import itertools
 import json
 import math
 import os
-import uuid
 import warnings
 
 import numpy as np
 from scipy import stats
 
+from hemijax import atomic
 from hemijax.metrics import HIGHER_IS_BETTER, METRIC_NAMES
 
 PRESENT, MISSING = "●", "○"
@@ -98,26 +98,6 @@ def case_rows(case_id, subset, metrics_by_region, modalities) -> list[dict]:
           for region, values in metrics_by_region.items()]
 
 
-def _atomic_write_bytes(path, data: bytes):
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-  # os.open with 0o666 (not mkstemp's 0o600) so the file gets the usual umask permissions.
-  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _atomic_write_text(path, text: str):
-  _atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def _json_text(obj) -> str:
   # allow_nan=False: a NaN would make invalid JSON; the summaries use None for "no value".
   return json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
@@ -132,7 +112,7 @@ def write_cases_csv(path, rows):
   writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
   writer.writeheader()
   writer.writerows(rows)
-  _atomic_write_text(path, buffer.getvalue())
+  atomic.write_text(path, buffer.getvalue())
 
 
 def read_cases_csv(path) -> list[dict]:
@@ -248,8 +228,8 @@ def summary_markdown(summary, title="Evaluation") -> str:
 
 def write_summary(out_dir, summary, title="Evaluation") -> None:
   """summary.json and summary.md in `out_dir` (atomic writes)."""
-  _atomic_write_text(os.path.join(out_dir, "summary.json"), _json_text(summary))
-  _atomic_write_text(os.path.join(out_dir, "summary.md"), summary_markdown(summary, title))
+  atomic.write_text(os.path.join(out_dir, "summary.json"), _json_text(summary))
+  atomic.write_text(os.path.join(out_dir, "summary.md"), summary_markdown(summary, title))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,8 +380,8 @@ def comparison_markdown(comparison, title="Comparison") -> str:
 
 def write_comparison(out_dir, comparison, title="Comparison") -> None:
   """comparison.json and comparison.md in `out_dir` (atomic writes)."""
-  _atomic_write_text(os.path.join(out_dir, "comparison.json"), _json_text(comparison))
-  _atomic_write_text(os.path.join(out_dir, "comparison.md"), comparison_markdown(comparison, title))
+  atomic.write_text(os.path.join(out_dir, "comparison.json"), _json_text(comparison))
+  atomic.write_text(os.path.join(out_dir, "comparison.md"), comparison_markdown(comparison, title))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,7 +391,7 @@ def write_comparison(out_dir, comparison, title="Comparison") -> None:
 def _save_figure(fig, path, dpi=110):
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-  _atomic_write_bytes(path, buffer.getvalue())
+  atomic.write_bytes(path, buffer.getvalue())
 
 
 def _new_figure(width, height):
@@ -420,6 +400,23 @@ def _new_figure(width, height):
   fig = Figure(figsize=(width, height))
   FigureCanvasAgg(fig)
   return fig
+
+
+def plot_training_curves(path, metrics_jsonl) -> None:
+  """Training loss and validation Dice against step, from a run's metrics.jsonl."""
+  records = [json.loads(line) for line in open(metrics_jsonl) if line.strip()]
+  train = [r for r in records if r["split"] == "train"]
+  val = [r for r in records if r["split"] == "val"]
+  fig = _new_figure(10, 3.5)
+  loss_ax, val_ax = fig.subplots(1, 2)
+  loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train])
+  loss_ax.set(xlabel="step", ylabel="training loss", yscale="log")
+  for key in ("val_dice_all", "val_dice_dropped"):
+    val_ax.plot([r["step"] for r in val], [r[key] for r in val], marker="o", label=key)
+  val_ax.set(xlabel="step", ylabel="validation Dice", ylim=(0, 1))
+  val_ax.legend()
+  fig.tight_layout()
+  _save_figure(fig, path)
 
 
 def plot_dice_by_subset(path, summary, metric="dice", title=None) -> None:

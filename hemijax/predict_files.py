@@ -6,40 +6,34 @@ import pathlib
 import numpy as np
 
 from hemijax.data import io, layouts, preprocess
+from hemijax.data.tasks import check_modalities
 from hemijax.predictor import Predictor
 
 
-def _read_inputs(inputs: dict, modalities):
-  """Loads {modality: path}; all must share one grid (DataError naming the file otherwise)."""
-  unknown = [m for m in inputs if m not in modalities]
-  if unknown:
-    raise ValueError(f"--input: unknown modality {unknown[0]!r}; this model takes {list(modalities)}")
-  arrays, affine, header, ref = {}, None, None, None
-  for name, path in inputs.items():
-    data, aff, hdr = io.load_nifti(path)
-    if ref is None:
-      affine, header, ref = aff, hdr, path
-    elif data.shape != next(iter(arrays.values())).shape or not np.allclose(aff, affine, atol=1e-3):
-      raise io.DataError(f"{path}: shape/affine {data.shape} differs from {ref}")
-    arrays[name] = data
-  return arrays, affine, header
-
-
-def predict_files(workdir, inputs: dict, output, probabilities=None, step="best",
-                  predictor: Predictor | None = None) -> None:
-  predictor = predictor or Predictor(workdir, step)
-  arrays, affine, header = _read_inputs(inputs, predictor.modalities)
-  labels, probs = predictor.predict(arrays, affine, return_probabilities=True)
-  io.save_nifti_atomic(output, labels.astype(np.uint8 if labels.max() < 256 else np.int16), affine)
+def predict_case(predictor: Predictor, case: layouts.CaseFiles, output, probabilities=None):
+  """Segments one case's files; writes the label map (and probabilities) in the input's grid."""
+  volume = preprocess.preprocess_case(case, predictor.modalities, predictor.task.label_values,
+                                      target_spacing=predictor.config.data.target_spacing)
+  classes, probs = predictor.predict_volume(volume, return_probabilities=True)
+  preprocess.write_prediction(output, classes, volume.transform, predictor.task.label_values)
   if probabilities:
-    io.save_nifti_atomic(probabilities, probs.astype(np.float32), affine)
+    io.save_nifti_atomic(probabilities, predictor.probabilities_in_input_grid(volume, probs),
+                         volume.transform.original_affine)
+
+
+def predict_files(workdir, inputs: dict, output, probabilities=None, step="best") -> None:
+  """`inputs`: {modality: path}, any non-empty subset of the model's modalities."""
+  predictor = Predictor(workdir, step)
+  check_modalities(inputs, allowed=predictor.modalities, option="--input")
+  case = layouts.CaseFiles("input", {m: pathlib.Path(p) for m, p in inputs.items()}, None)
+  predict_case(predictor, case, output, probabilities)
 
 
 def predict_dataset(workdir, data, out, layout="auto", step="best") -> int:
+  """Segments every case of a dataset folder into OUT/<case_id>.nii.gz."""
   predictor = Predictor(workdir, step)
   cases = layouts.discover_cases(data, layout, predictor.modalities)
   out = pathlib.Path(out)
-  out.mkdir(parents=True, exist_ok=True)
   for case in cases:
-    predict_files(workdir, dict(case.images), out / f"{case.case_id}.nii.gz", predictor=predictor)
+    predict_case(predictor, case, out / f"{case.case_id}.nii.gz")
   return len(cases)

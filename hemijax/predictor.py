@@ -88,6 +88,12 @@ class Predictor:
     classes = np.argmax(probs, axis=-1)
     return (classes, probs) if return_probabilities else classes
 
+  def probabilities_in_input_grid(self, volume: preprocess.Volume, probs) -> np.ndarray:
+    """Probabilities (X, Y, Z, C) put back in the input grid; outside the crop is background."""
+    out = preprocess.to_original_grid(volume.transform, probs, order=1, fill=0)
+    out[..., 0] += 1.0 - out.sum(-1).clip(0, 1)
+    return out.astype(np.float32)
+
   def predict(self, images: Mapping[str, np.ndarray], affine=None, return_probabilities=False):
     """Label map (dataset label values) in the input grid from a {modality: 3D array} mapping."""
     volume = self.preprocess(images, affine)
@@ -95,7 +101,7 @@ class Predictor:
     labels = preprocess.class_ids_to_label_values(
         preprocess.to_original_grid(volume.transform, classes, order=0), self.task.label_values)
     if return_probabilities:
-      return labels, preprocess.to_original_grid(volume.transform, probs, order=1)
+      return labels, self.probabilities_in_input_grid(volume, probs)
     return labels
 
 

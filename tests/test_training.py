@@ -130,7 +130,7 @@ def test_predict_from_t1_and_flair_keeps_the_affine(trained, tmp_path, cache_dir
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--input=pd=x.nii.gz", "--output=o.nii.gz"], "unknown modality 'pd'"),
+    (["--input=pd=x.nii.gz", "--output=o.nii.gz"], "unknown modality name(s) ['pd']"),
     (["--input=t1=/nonexistent/t1.nii.gz", "--output=o.nii.gz"], "/nonexistent/t1.nii.gz"),
     (["--input=t1", "--output=o.nii.gz"], "MODALITY=PATH"),
 ])

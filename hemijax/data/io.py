@@ -5,13 +5,13 @@ path, so the CLIs can print it as one line instead of a traceback.
 """
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 import zlib
 
 import nibabel as nib
 import numpy as np
+
+from hemijax import atomic
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -138,30 +138,7 @@ def save_nifti_atomic(path, array, affine, header=None) -> None:
     img.header.set_data_dtype(array.dtype)
   img.set_qform(affine, code=int(img.header["qform_code"]) or 1)
   img.set_sform(affine, code=int(img.header["sform_code"]) or 1)
-  path.parent.mkdir(parents=True, exist_ok=True)
   # Same suffix as the target: nibabel picks gzip from the file name.
   suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-  os.close(fd)
-  try:
+  with atomic.temporary_path(path, suffix) as tmp:
     nib.save(img, tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def write_text_atomic(path, text: str) -> None:
-  """Writes a small text file (JSON, CSV) via a temporary name in the same folder."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise

@@ -30,6 +30,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from hemijax import atomic
 from hemijax.data.tasks import KNOWN_MODALITIES, check_modalities, get_task
 
 try:  # installed with nilearn (via scikit-learn); optional
@@ -533,19 +534,6 @@ def _generate_subject(task, rng_or_seed, spacing, protocol, modalities, lesions,
 # ----------------------------------------------------------------------------------------------
 # Writing datasets
 
-def _atomic_write(path, data: bytes):
-  """Writes `data` to a temporary name beside `path`, then renames it into place."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def nifti_bytes(data, affine, compress=True):
   """NIfTI-1 file contents; gzip with mtime 0 and no file name, so same data -> same bytes."""
   img = nib.Nifti1Image(data, affine)
@@ -690,7 +678,7 @@ def write_dataset(out, task, n_subjects, seed, spacing=2.0, layout="brats", miss
       record["files"] += [paths[m] for m in present] + [paths["label"]]
   extra_files = ["splits.json", {"nnunet": "dataset.json", "manifest": "manifest.csv"}.get(layout)]
   record["files"] = sorted(set(record["files"]) | {f for f in extra_files if f})
-  _atomic_write(os.path.join(out, "phantom.json"), _json_bytes(record))
+  atomic.write_bytes(os.path.join(out, "phantom.json"), _json_bytes(record))
 
   manifest_rows = []
   written = []
@@ -703,8 +691,8 @@ def write_dataset(out, task, n_subjects, seed, spacing=2.0, layout="brats", miss
     paths = _layout_paths(layout, case, modalities, grade)
     gz = layout != "brats2018"
     for m in present:
-      _atomic_write(os.path.join(out, paths[m]), nifti_bytes(subject["images"][m], subject["affine"], gz))
-    _atomic_write(os.path.join(out, paths["label"]), nifti_bytes(subject["label"], subject["affine"], gz))
+      atomic.write_bytes(os.path.join(out, paths[m]), nifti_bytes(subject["images"][m], subject["affine"], gz))
+    atomic.write_bytes(os.path.join(out, paths["label"]), nifti_bytes(subject["label"], subject["affine"], gz))
     written += [paths[m] for m in present] + [paths["label"]]
     record["cases"][case] = dict(split=split_of[case], protocol=case_protocol, missing=missing,
                                  **subject["meta"])
@@ -713,24 +701,24 @@ def write_dataset(out, task, n_subjects, seed, spacing=2.0, layout="brats", miss
     if verbose:
       print(f"{case}: {split_of[case]}, {case_protocol}, missing {missing or 'none'}", file=sys.stderr)
 
-  _atomic_write(os.path.join(out, "splits.json"), _json_bytes(splits))
+  atomic.write_bytes(os.path.join(out, "splits.json"), _json_bytes(splits))
   if layout == "nnunet":
     labels = dict(zip(task_obj.class_names, task_obj.label_values))
     dataset = {"channel_names": {str(i): CHANNEL_NAMES[m] for i, m in enumerate(modalities)},
                "labels": labels, "numTraining": int(n_subjects), "file_ending": ".nii.gz",
                "name": f"Phantom_{task_obj.name}"}
-    _atomic_write(os.path.join(out, "dataset.json"), _json_bytes(dataset))
+    atomic.write_bytes(os.path.join(out, "dataset.json"), _json_bytes(dataset))
     written.append("dataset.json")
   elif layout == "manifest":
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["case_id", *KNOWN_MODALITIES, "label"])
     w.writerows(manifest_rows)
-    _atomic_write(os.path.join(out, "manifest.csv"), buf.getvalue().encode())
+    atomic.write_bytes(os.path.join(out, "manifest.csv"), buf.getvalue().encode())
     written.append("manifest.csv")
   record["files"] = sorted(written + ["splits.json"])
   record["complete"] = True
-  _atomic_write(os.path.join(out, "phantom.json"), _json_bytes(record))
+  atomic.write_bytes(os.path.join(out, "phantom.json"), _json_bytes(record))
   return record
 
 
@@ -782,7 +770,7 @@ def render_montage(path, seed=0, spacing=2.0):
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=80, facecolor="black", metadata={"Software": None})
   plt.close(fig)
-  _atomic_write(path, buf.getvalue())
+  atomic.write_bytes(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------

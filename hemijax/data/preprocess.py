@@ -20,8 +20,8 @@ import numpy as np
 from scipy import ndimage
 
 from hemijax.data import layouts
-from hemijax.data.io import (DataError, load_nifti, one_line, problem, save_nifti_atomic,
-                             write_text_atomic)
+from hemijax import atomic
+from hemijax.data.io import DataError, load_nifti, one_line, problem, save_nifti_atomic
 from hemijax.data.layouts import CaseFiles
 from hemijax.data.tasks import check_modalities
 
@@ -502,7 +502,7 @@ def _save_cached(folder: pathlib.Path, volume: Volume) -> None:
     meta = {"case_id": volume.case_id, "available": volume.available.tolist(),
             "has_label": volume.label is not None, "spacing": list(volume.spacing),
             "modalities": list(volume.modalities), "transform": volume.transform.to_dict()}
-    write_text_atomic(tmp / "meta.json", json.dumps(meta))
+    atomic.write_text(tmp / "meta.json", json.dumps(meta))
     try:
       os.rename(tmp, folder)
     except OSError:

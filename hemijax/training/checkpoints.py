@@ -7,13 +7,13 @@ with a different model config is refused.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import tempfile
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policy
+
+from hemijax import atomic
 
 BEST_METRIC = "val_score"
 # Config fields that define what the parameters mean; a checkpoint is unusable if they differ.
@@ -24,23 +24,8 @@ class CheckpointError(ValueError):
   """A workdir whose checkpoint cannot serve the requested config."""
 
 
-def write_text_atomic(path, text: str) -> None:
-  """Writes to a temporary name in the same folder, then renames: never a half-written file."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def write_json_atomic(path, obj) -> None:
-  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+  atomic.write_json(path, obj, default=_json_default)
 
 
 def _json_default(value):

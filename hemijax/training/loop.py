@@ -17,8 +17,8 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from hemijax import atomic, evaluation, inference
 from hemijax import metrics as metrics_lib
-from hemijax import inference
 from hemijax.data import datasets, sampling
 from hemijax.data.preprocess import class_ids_to_label_values
 from hemijax.data.tasks import get_task
@@ -129,30 +129,7 @@ def _truncate_jsonl(path, last_step):
     return
   lines = [l for l in path.read_text().splitlines() if l.strip()]
   kept = [l for l in lines if json.loads(l).get("step", 0) <= last_step]
-  checkpoints.write_text_atomic(path, "".join(l + "\n" for l in kept))
-
-
-def plot_curves(metrics_path, png_path):
-  """Training loss and validation scores against step (PNG, written atomically)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  records = [json.loads(l) for l in pathlib.Path(metrics_path).read_text().splitlines() if l]
-  train = [r for r in records if r["split"] == "train"]
-  val = [r for r in records if r["split"] == "val"]
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-  axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
-  axes[0].set(xlabel="step", ylabel="training loss", yscale="log")
-  for key in ("val_dice_all", "val_dice_dropped"):
-    axes[1].plot([r["step"] for r in val], [r[key] for r in val], marker="o", label=key)
-  axes[1].set(xlabel="step", ylabel="validation Dice", ylim=(0, 1))
-  axes[1].legend()
-  fig.tight_layout()
-  tmp = pathlib.Path(png_path).with_suffix(".tmp.png")
-  fig.savefig(tmp, dpi=100)
-  plt.close(fig)
-  tmp.replace(png_path)
+  atomic.write_text(path, "".join(l + "\n" for l in kept))
 
 
 def stage_optimizer(stage, params_example=None):
@@ -288,7 +265,7 @@ def _run_stage(config, workdir, method, stage, begin, end, state, optimizer, mak
         checkpoints.record_best(workdir, done, tracker["best_score"])
       else:
         evals_since_best += 1
-      plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+      evaluation.plot_training_curves(workdir / "curves.png", workdir / "metrics.jsonl")
       patience = config.train.patience
       # Early stopping ends the run, so it applies to the last stage only.
       if patience is not None and evals_since_best >= patience and is_last:
