@@ -11,18 +11,11 @@ import pathlib
 import numpy as np
 from tqdm import tqdm
 
-from hemijax import evaluation, metrics
+from hemijax import evaluation, inference, metrics
 from hemijax.data import datasets, io, layouts, preprocess
 from hemijax.predictor import Predictor
 
 OVERLAY_CASES = 3
-
-
-def subset_masks(subsets, modalities) -> np.ndarray:
-  masks = np.zeros((len(subsets), len(modalities)), bool)
-  for i, subset in enumerate(subsets):
-    masks[i] = [m in subset for m in modalities]
-  return masks
 
 
 def parse_subsets_option(value: str, modalities) -> list[tuple[str, ...]]:
@@ -51,7 +44,7 @@ def evaluate_workdir(workdir, *, data=None, layout="auto", split="test", subsets
   if layouts.read_splits(root) is None:
     split = None  # a user's folder without splits.json: every case is a test case
   chosen = parse_subsets_option(subsets, modalities)
-  masks = subset_masks(chosen, modalities)
+  masks = inference.subset_masks(chosen, modalities)
   volumes = datasets.load_split(config, split, root=root, layout=layout)
   label_files = {c.case_id: c.label for c in layouts.discover_cases(root, layout, modalities)}
 

@@ -17,13 +17,11 @@ import numpy as np
 from hemijax.models.base import Method
 
 
-def all_subset_masks(num_modalities: int) -> np.ndarray:
-  """(2^M - 1, M) bool: every non-empty subset, fewest-present first, in modality order."""
-  subsets = [c for r in range(1, num_modalities + 1)
-             for c in itertools.combinations(range(num_modalities), r)]
-  masks = np.zeros((len(subsets), num_modalities), bool)
+def subset_masks(subsets, modalities) -> np.ndarray:
+  """(S, M) bool masks of modality-name subsets (see `hemijax.evaluation.all_subsets`)."""
+  masks = np.zeros((len(subsets), len(modalities)), bool)
   for i, subset in enumerate(subsets):
-    masks[i, list(subset)] = True
+    masks[i] = [m in subset for m in modalities]
   return masks
 
 
