@@ -1,19 +1,47 @@
 """Shared layers: the convolution every model uses, pooling, upsampling and small blocks.
 
 `conv` takes channels-last `x (B, *spatial, Cin)` and `kernel (*window, Cin, Cout)` for 1, 2 or 3
-spatial dims. `impl` picks the lowering: "xla" is `lax.conv_general_dilated`; "auto" chooses per
-backend (see `resolve_impl`).
+spatial dims. `impl` picks the lowering (all give the same numbers up to float rounding):
+
+- "xla": `lax.conv_general_dilated`. Best on GPU/TPU. On CPU XLA's 3D convolution and every
+  convolution's kernel gradient run far below the matrix-product peak, and a vmapped kernel (HeMIS'
+  per-modality back ends) becomes a grouped convolution that is slower still.
+- "planes": CPU lowering. A 3D convolution is one 2D convolution over all depth planes with the
+  depth taps stacked on the output channels, then a shifted sum of planes (1D runs as 2D with
+  height 1); XLA:CPU runs 2D convolutions as fast, multi-threaded matrix products. The input
+  gradient is the same kind of convolution (flipped kernel); the kernel gradient is computed by
+  `_kernel_grad` in cache-sized blocks. Under vmap, a batched kernel loops over the mapped axis
+  instead of becoming a grouped convolution.
+- "matmul": shifted views contracted with `lax.dot_general`, block by block in a loop; no
+  convolution primitive at all (any backend, any rank). Slower than "planes" on CPU, kept as the
+  portable matrix-product reference.
+- "auto": "planes" on CPU, "xla" elsewhere (`jax.default_backend()`).
+
+"planes" and "matmul" define their own reverse-mode derivative (`jax.custom_vjp`): `jax.grad` and
+`jax.vjp` work, forward-mode (`jax.jvp`, `jax.jacfwd`) does not; use "xla" for that.
 """
 from __future__ import annotations
 
+import functools
+import itertools
+import math
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.custom_batching import custom_vmap
 
-IMPLS = ("auto", "xla")
+IMPLS = ("auto", "xla", "planes", "matmul")
+
+# Values (input + output channels per output position) that `_kernel_grad` and the "matmul" forward
+# handle per loop step: 256 KiB of float32, which with the tap views stays in a 2 MiB L2 cache.
+_BLOCK_ELEMENTS = 1 << 16
+# ... but at least this many output positions per step, so that per-step costs stay small.
+_MIN_BLOCK = 256
+_BARRIER_CONV = _BARRIER_DX = _BARRIER_POOL = False
 
 
 def _tuple(value, n):
@@ -21,21 +49,311 @@ def _tuple(value, n):
 
 
 def resolve_impl(impl: str) -> str:
+  """Validates `impl` and resolves "auto": "planes" on CPU, "xla" on GPU/TPU."""
   if impl not in IMPLS:
     raise ValueError(f"unknown convolution impl {impl!r}; choose one of {IMPLS}")
-  return "xla" if impl == "auto" else impl
+  if impl == "auto":
+    return "planes" if jax.default_backend() == "cpu" else "xla"
+  return impl
+
+
+def _geometry(in_spatial, window, strides, dilation, padding):
+  """Explicit ((lo, hi), ...) padding and the output spatial shape of a convolution."""
+  nd = len(window)
+  extent = [(k - 1) * r + 1 for k, r in zip(window, dilation)]
+  if isinstance(padding, str):
+    if padding.upper() not in ("SAME", "VALID"):
+      raise ValueError(f"padding must be 'SAME', 'VALID' or (lo, hi) pairs, got {padding!r}")
+    pads = lax.padtype_to_pads(in_spatial, extent, strides, padding.upper())
+  else:
+    pads = [tuple(p) for p in padding]
+    if len(pads) != nd or any(len(p) != 2 for p in pads):
+      raise ValueError(f"padding needs one (lo, hi) pair per spatial dim ({nd}), got {padding!r}")
+  pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+  out = tuple((n + lo + hi - e) // s + 1
+              for n, (lo, hi), e, s in zip(in_spatial, pads, extent, strides))
+  if min(out) < 1:
+    raise ValueError(f"convolution of spatial shape {tuple(in_spatial)} with window {window}, "
+                     f"dilation {dilation}, padding {pads} has an empty output")
+  return pads, out
+
+
+def _pad(x, pads, interior=None):
+  """Zero-pads (or crops, for negative pads) the spatial axes of a channels-last array."""
+  interior = interior or (0,) * len(pads)
+  config = [(0, 0, 0)] + [(lo, hi, i) for (lo, hi), i in zip(pads, interior)] + [(0, 0, 0)]
+  return lax.pad(x, jnp.zeros((), x.dtype), config)
+
+
+def _xla_conv(x, kernel, strides, dilation, pads):
+  nd = kernel.ndim - 2
+  spec = "N" + "DHW"[-nd:] + "C" if nd <= 3 else None
+  return lax.conv_general_dilated(
+      x, kernel, window_strides=strides, padding=pads, rhs_dilation=dilation,
+      dimension_numbers=(spec, "DHW"[-nd:] + "IO", spec))
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward lowerings. Each takes explicit pads (negative = crop) and unbatched arrays; `_slotwise`
+# gives them their vmap rule.
+
+
+def _conv2d(x, kernel, strides, dilation, pads):
+  return lax.conv_general_dilated(x, kernel, strides, pads, rhs_dilation=dilation,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _slotwise(forward, x, kernel, strides, dilation, pads):
+  """`forward(x, kernel, ...)` with a vmap rule that keeps convolutions ungrouped.
+
+  vmap would turn a mapped kernel into a grouped convolution (XLA:CPU runs those about four times
+  slower than separate ones) or a batched loop. Instead: a mapped input with a shared kernel is
+  folded into the batch; a mapped kernel runs one convolution per slot, an unrolled loop whose
+  results XLA writes straight into the stacked output.
+  """
+  @custom_vmap
+  def run(x, kernel):
+    return forward(x, kernel, strides, dilation, pads)
+
+  @run.def_vmap
+  def run_batched(axis_size, in_batched, x, kernel):
+    x_batched, kernel_batched = in_batched
+    if not kernel_batched:
+      y = _slotwise(forward, x.reshape((-1,) + x.shape[2:]), kernel, strides, dilation, pads)
+      return y.reshape((axis_size, -1) + y.shape[1:]), True
+    return jnp.stack([
+        _slotwise(forward, x[i] if x_batched else x, kernel[i], strides, dilation, pads)
+        for i in range(axis_size)]), True
+
+  return run(x, kernel)
+
+
+def _shift_planes(y, offsets, size):
+  """out[:, i] = sum_a y[a][:, i + offsets[a]], zero where that plane does not exist.
+
+  Each term is a slice and a pad of its own, so XLA fuses the whole sum into one pass.
+  """
+  out = 0
+  for plane, offset in zip(y, offsets):
+    lo, hi = max(0, -offset), min(size, plane.shape[1] - offset)
+    if hi <= lo:
+      continue
+    term = plane[:, lo + offset:hi + offset]
+    out = out + lax.pad(term, jnp.zeros((), term.dtype),
+                        [(0, 0, 0), (lo, size - hi, 0)] + [(0, 0, 0)] * (term.ndim - 2))
+  if isinstance(out, int):  # no plane overlaps the output
+    return jnp.zeros((y[0].shape[0], size) + y[0].shape[2:], y[0].dtype)
+  return out
+
+
+def _planes_forward(x, kernel, strides, dilation, pads):
+  """Convolution out of 2D convolutions; pads may be negative (crop)."""
+  nd = kernel.ndim - 2
+  if nd == 1:
+    y = _conv2d(x[:, None], kernel[None], (1,) + strides, (1,) + dilation, ((0, 0),) + pads)
+    return y[:, 0]
+  if nd == 2:
+    return _conv2d(x, kernel, strides, dilation, pads)
+  if nd != 3:
+    raise ValueError(f"impl 'planes' supports 1, 2 or 3 spatial dims, got {nd}")
+  depth, (lo, hi) = kernel.shape[0], pads[0]
+  stride, rate = strides[0], dilation[0]
+  b, d = x.shape[:2]
+  cout = kernel.shape[-1]
+  d_out = (d + lo + hi - (depth - 1) * rate - 1) // stride + 1
+  if stride == 1:
+    # One 2D convolution over every input plane with the depth taps stacked on the output
+    # channels (a wider, cheaper product than three narrow ones, and no copy of the input),
+    # then out[i] = sum_a y[i + a * rate - lo, tap a].
+    k = jnp.moveaxis(kernel, 0, -2)
+    y = _conv2d(x.reshape((b * d,) + x.shape[2:]), k.reshape(k.shape[:-2] + (depth * cout,)),
+                strides[1:], dilation[1:], pads[1:])
+    y = y.reshape((b, d) + y.shape[1:-1] + (depth, cout))
+    return _shift_planes([y[..., a, :] for a in range(depth)],
+                         [a * rate - lo for a in range(depth)], d_out)
+  # Strided depth: only the planes each depth tap reads, one 2D convolution per tap.
+  xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (lo, hi, 0)] + [(0, 0, 0)] * (x.ndim - 2))
+  out = 0
+  for a in range(depth):
+    planes = xp[:, a * rate:a * rate + (d_out - 1) * stride + 1:stride]
+    y = _conv2d(planes.reshape((b * d_out,) + x.shape[2:]), kernel[a], strides[1:], dilation[1:],
+                pads[1:])
+    out = out + y
+  return out.reshape((b, d_out) + out.shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Shifted views and matrix products.
+
+
+def _blocks(out_spatial, batch, channels):
+  """Block of output positions per loop step: whole trailing axes first, about
+  `_BLOCK_ELEMENTS` input and gradient values (`channels` per position) so a step stays in cache."""
+  remaining = max(_MIN_BLOCK, _BLOCK_ELEMENTS // channels) // batch
+  block = [1] * len(out_spatial)
+  for i in reversed(range(len(out_spatial))):
+    block[i] = min(out_spatial[i], max(1, remaining))
+    remaining = remaining // block[i]
+  return tuple(block)
+
+
+def _block_loop(x, out_spatial, window, strides, dilation, pads, block, body, init):
+  """Runs `carry = body(views, starts, carry)` over blocks of output positions.
+
+  `views[t] (B * prod(block), Cin)` holds the input values kernel tap t reads for the block's
+  outputs; `starts` are the block's first output indices. Outputs past the end are computed on
+  zero padding; callers crop or ignore them.
+  """
+  b, c = x.shape[0], x.shape[-1]
+  taps = list(itertools.product(*[range(k) for k in window]))
+  counts = [-(-o // k) for o, k in zip(out_spatial, block)]
+  span = [(k - 1) * s + (w - 1) * r + 1 for k, s, w, r in zip(block, strides, window, dilation)]
+  # Pad the input so every block's window is in bounds (extra zeros feed cropped outputs only).
+  padded = [n + lo + hi for n, (lo, hi) in zip(x.shape[1:-1], pads)]
+  need = [(n - 1) * k * s + sp for n, k, s, sp in zip(counts, block, strides, span)]
+  xp = _pad(x, [(lo, hi + max(0, nd - p)) for (lo, hi), nd, p in zip(pads, need, padded)])
+
+  def step(i, carry):
+    index, starts = i, []
+    for n in reversed(counts):
+      starts.append(index % n)
+      index = index // n
+    starts = [s * k for s, k in zip(reversed(starts), block)]
+    xs = lax.dynamic_slice(xp, (0, *[s * st for s, st in zip(starts, strides)], 0),
+                           (b, *span, c))
+    views = [xs[(slice(None),) + tuple(slice(t * r, t * r + (k - 1) * s + 1, s)
+                                       for t, r, k, s in zip(tap, dilation, block, strides))]
+             .reshape(-1, c) for tap in taps]
+    return body(views, starts, carry)
+
+  return lax.fori_loop(0, math.prod(counts), step, init)
+
+
+def _kernel_grad(x, g, window, strides, dilation, pads):
+  """dL/dkernel = sum over output positions of input patch^T @ output gradient.
+
+  XLA lowers this as a convolution with an output-sized window, which XLA:CPU runs slowly; here
+  it is a loop over cache-sized blocks of outputs, each one tap-stacked matrix product. Under vmap
+  the loop is repeated per mapped slot: separate loops (which XLA may run concurrently) beat one
+  loop over batched products.
+  """
+  @custom_vmap
+  def kernel_grad(x, g):
+    return _kernel_grad_loop(x, g, window, strides, dilation, pads)
+
+  @kernel_grad.def_vmap
+  def kernel_grad_batched(axis_size, in_batched, x, g):
+    pick = lambda a, batched, i: a[i] if batched else a
+    return jnp.stack([_kernel_grad(pick(x, in_batched[0], i), pick(g, in_batched[1], i), window,
+                                   strides, dilation, pads) for i in range(axis_size)]), True
+
+  return kernel_grad(x, g)
+
+
+def _kernel_grad_loop(x, g, window, strides, dilation, pads):
+  b, cin, cout = x.shape[0], x.shape[-1], g.shape[-1]
+  out_spatial = g.shape[1:-1]
+  block = _blocks(out_spatial, b, cin + cout)
+  counts = [-(-o // k) for o, k in zip(out_spatial, block)]
+  gp = _pad(g, [(0, n * k - o) for n, k, o in zip(counts, block, out_spatial)])
+  contract = (((0,), (0,)), ((), ()))
+
+  def body(views, starts, acc):
+    gs = lax.dynamic_slice(gp, (0, *starts, 0), (b, *block, cout)).reshape(-1, cout)
+    if cin < 8:  # few channels: one product over all taps
+      cols = jnp.stack(views, axis=1).reshape(gs.shape[0], -1)
+      return acc + lax.dot_general(cols, gs, contract, preferred_element_type=jnp.float32)
+    # One product per tap: no stacked copy, and each reads its view where it lies in cache.
+    return acc + jnp.concatenate([
+        lax.dot_general(v, gs, contract, preferred_element_type=jnp.float32) for v in views])
+
+  init = jnp.zeros((math.prod(window) * cin, cout), jnp.float32)
+  acc = _block_loop(x, out_spatial, window, strides, dilation, pads, block, body, init)
+  return acc.reshape(tuple(window) + (cin, cout)).astype(x.dtype)
+
+
+def _matmul_forward(x, kernel, strides, dilation, pads):
+  """Convolution as a loop over output blocks: tap-stacked views @ kernel, written in place."""
+  window, cout = kernel.shape[:-2], kernel.shape[-1]
+  _, out_spatial = _geometry(x.shape[1:-1], window, strides, dilation, pads)
+  b, cin = x.shape[0], x.shape[-1]
+  block = _blocks(out_spatial, b, cin + cout)
+  counts = [-(-o // k) for o, k in zip(out_spatial, block)]
+  kmat = kernel.reshape((-1, cout))
+
+  def body(views, starts, out):
+    cols = jnp.stack(views, axis=1).reshape(views[0].shape[0], -1)
+    y = jnp.dot(cols, kmat, preferred_element_type=jnp.float32)
+    return lax.dynamic_update_slice(out, y.reshape((b, *block, cout)).astype(out.dtype),
+                                    (0, *starts, 0))
+
+  init = jnp.zeros((b, *[n * size for n, size in zip(counts, block)], cout),
+                   jnp.result_type(x, kernel))
+  out = _block_loop(x, out_spatial, window, strides, dilation, pads, block, body, init)
+  return out[(slice(None),) + tuple(slice(0, o) for o in out_spatial)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reverse mode for the custom lowerings.
+
+
+def _input_grad(forward, g, kernel, in_spatial, strides, dilation, pads):
+  """dL/dx: a stride-1 convolution of the (stride-dilated) output gradient with the flipped,
+  transposed kernel, run by the same `forward` lowering."""
+  nd = kernel.ndim - 2
+  window = kernel.shape[:nd]
+  out_spatial = g.shape[1:-1]
+  t_pads = []
+  for n, o, k, s, r, (lo, _) in zip(in_spatial, out_spatial, window, strides, dilation, pads):
+    lo_t = (k - 1) * r - lo
+    t_pads.append((lo_t, n + (k - 1) * r - ((o - 1) * s + 1) - lo_t))
+  if any(s > 1 for s in strides):
+    g = _pad(g, [(0, 0)] * nd, [s - 1 for s in strides])
+  flipped = jnp.swapaxes(jnp.flip(kernel, tuple(range(nd))), -1, -2)
+  return forward(g, flipped, (1,) * nd, dilation, tuple(t_pads))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _custom_conv(x, kernel, strides, dilation, pads, impl):
+  y = _slotwise(_FORWARD[impl], x, kernel, strides, dilation, pads)
+  return lax.optimization_barrier(y) if _BARRIER_CONV else y
+
+
+def _custom_conv_fwd(x, kernel, strides, dilation, pads, impl):
+  return _custom_conv(x, kernel, strides, dilation, pads, impl), (x, kernel)
+
+
+def _custom_conv_bwd(strides, dilation, pads, impl, residuals, g):
+  x, kernel = residuals
+  forward = functools.partial(_slotwise, _FORWARD[impl])
+  dx = _input_grad(forward, g, kernel, x.shape[1:-1], strides, dilation, pads)
+  if _BARRIER_DX:
+    dx = lax.optimization_barrier(dx)
+  dk = _kernel_grad(x, g, kernel.shape[:-2], strides, dilation, pads)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_custom_conv.defvjp(_custom_conv_fwd, _custom_conv_bwd)
+_FORWARD = {"planes": _planes_forward, "matmul": _matmul_forward}
 
 
 def conv(x, kernel, *, strides=1, dilation=1, padding="SAME", impl="auto"):
-  """N-d convolution, channels last. padding: "SAME", "VALID" or explicit pairs."""
+  """N-d convolution, channels last. padding: "SAME", "VALID" or explicit (lo, hi) pairs.
+
+  Same semantics as `lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation)`
+  with NDHWC/DHWIO layouts (cross-correlation, no kernel flip). See the module docstring for impl.
+  """
   nd = kernel.ndim - 2
+  if x.ndim != nd + 2 or x.shape[-1] != kernel.shape[-2]:
+    raise ValueError(f"input {x.shape} does not match kernel {kernel.shape} "
+                     "(want x (B, *spatial, Cin) and kernel (*window, Cin, Cout))")
   strides, dilation = _tuple(strides, nd), _tuple(dilation, nd)
-  resolve_impl(impl)
-  spec = "N" + "DHW"[-nd:] + "C" if nd <= 3 else None
-  kspec = "DHW"[-nd:] + "IO"
-  return lax.conv_general_dilated(
-      x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
-      dimension_numbers=(spec, kspec, spec))
+  pads, _ = _geometry(x.shape[1:-1], kernel.shape[:nd], strides, dilation, padding)
+  impl = resolve_impl(impl)
+  if impl == "xla":
+    return _xla_conv(x, kernel, strides, dilation, pads)
+  dtype = jnp.result_type(x, kernel)
+  return _custom_conv(x.astype(dtype), kernel.astype(dtype), strides, dilation, pads, impl)
 
 
 class Conv(nn.Module):
@@ -62,11 +380,72 @@ class Conv(nn.Module):
 
 
 def max_pool(x, window=2, strides=None, padding="SAME"):
-  """Max-pooling over the spatial axes of a channels-last array."""
+  """Max-pooling over the spatial axes of a channels-last array.
+
+  Same values and gradient as `flax.linen.max_pool` (padding with -inf; on ties the first
+  position in the window gets the gradient), computed as a maximum over shifted strided views:
+  XLA's `reduce_window` gradient is a `select_and_scatter` that XLA:CPU runs slowly.
+  """
   nd = x.ndim - 2
   window = _tuple(window, nd)
   strides = window if strides is None else _tuple(strides, nd)
-  return nn.max_pool(x, window, strides, padding=padding)
+  if isinstance(padding, str):
+    pads = lax.padtype_to_pads(x.shape[1:-1], window, strides, padding)
+  else:
+    pads = padding
+  pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+  return _max_pool(x, window, strides, pads, x.shape[1:-1])
+
+
+def _pool_views(x, window, strides, pads):
+  """The strided views of x (padded with -inf) that each window position reads."""
+  low = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
+  xp = lax.pad(x, jnp.array(low, x.dtype), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads]
+               + [(0, 0, 0)])
+  out = [(n - k) // s + 1 for n, k, s in zip(xp.shape[1:-1], window, strides)]
+  for offset in itertools.product(*[range(k) for k in window]):
+    yield offset, xp[(slice(None),) + tuple(slice(t, t + (o - 1) * s + 1, s)
+                                            for t, o, s in zip(offset, out, strides))]
+
+
+def _max_pool_winner(x, window, strides, pads):
+  """Pooled maximum and, per output, the index of the first window position holding it."""
+  views = _pool_views(x, window, strides, pads)
+  _, y = next(views)
+  winner = jnp.zeros(y.shape, jnp.int8 if math.prod(window) < 128 else jnp.int32)
+  for i, (_, view) in enumerate(views, start=1):
+    winner = jnp.where(view > y, jnp.array(i, winner.dtype), winner)
+    y = jnp.maximum(y, view)  # lax.max semantics (NaN propagates)
+  return y, winner
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool(x, window, strides, pads, in_spatial):
+  y = _max_pool_winner(x, window, strides, pads)[0]
+  return lax.optimization_barrier(y) if _BARRIER_POOL else y
+
+
+def _max_pool_fwd(x, window, strides, pads, in_spatial):
+  y, winner = _max_pool_winner(x, window, strides, pads)
+  if _BARRIER_POOL:
+    y, winner = lax.optimization_barrier((y, winner))
+  return y, winner
+
+
+def _max_pool_bwd(window, strides, pads, in_spatial, winner, g):
+  # Each window position scatters the gradient of the outputs it won back to the input: a pad
+  # with interior (stride - 1) zeros, shifted by the position and cropped to the input.
+  dx = 0
+  for i, offset in enumerate(itertools.product(*[range(k) for k in window])):
+    config = [(0, 0, 0)]
+    for t, (lo, _), n, o, s in zip(offset, pads, in_spatial, g.shape[1:-1], strides):
+      config.append((t - lo, n - (t - lo) - (o - 1) * s - 1, s - 1))
+    config.append((0, 0, 0))
+    dx = dx + lax.pad(jnp.where(winner == i, g, 0), jnp.zeros((), g.dtype), config)
+  return (dx,)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def upsample(x, factor=2):

@@ -38,7 +38,7 @@ def make_train_step(loss_fn, optimizer, seed: int):
            "opt_state": opt_state}
     # Keep the last good state if anything went non-finite.
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), finite=finite)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), finite=finite)
     return new, metrics
 
   return train_step

@@ -1,0 +1,67 @@
+r"""Joint lesion and tissue segmentation (Dorent et al., MIDL 2019) on the built-in phantoms, 3D.
+
+  python train.py --config configs/joint.py --workdir runs/joint
+  python evaluate.py --workdir runs/joint
+
+Training uses two task-specific phantom sets (`config.data.tissue_set`: the tissue task, T1 only, no
+lesions; `config.data.lesion_set`: the wmh task, T1 + FLAIR, lesion labels only). The run's own data
+(validation, and evaluate.py's default) is a third, fully annotated set (tissue task with lesions,
+T1 + FLAIR, labels background/csf/gm/wm/lesion) never used in training, so evaluate.py reports Dice
+per class on it. Variants (the same network):
+
+  ... --config.loss.consistency_weight=0                        # joint, no consistency term R^t_1
+  ... --config.variant=tissue_only                              # tissue set only (tissue classes)
+  ... --config.variant=lesion_only                              # lesion set only (lesion vs not)
+
+Presets: `paper` (HighResNet 16/32/64 features, 3 blocks per stage, Adam lr 5e-3, consistency term
+from step 5000), `demo` (default; sized for 2 CPU cores: 4 mm phantoms, a small network, 24^3 patches,
+800 steps), `smoke` (seconds, for tests): `--config configs/joint.py:smoke`.
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
+  config = common.base_config(method="joint", task="tissue", preset=preset)
+  config.variant = "joint"   # "joint" | "tissue_only" | "lesion_only"
+  config.model = ml_collections.ConfigDict(dict(
+      features=(16, 32, 64), dilations=(1, 2, 4), blocks_per_stage=3,
+      modality_stages=1,     # leading stages run per modality, then the masked mean
+      head_features=80, kernel_size=3, norm="instance", conv_impl="auto",
+      space_to_batch=True))  # dilated convolutions as dilation-1 ones on sub-grids (same numbers)
+  config.loss = ml_collections.ConfigDict(dict(consistency_weight=1.0, consistency_start=5000))
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="adam", learning_rate=5e-3, schedule="constant", warmup_steps=0))
+  # The run's data: the fully annotated evaluation set (validation and evaluate.py use it).
+  config.data.phantom_lesions = True
+  # Patch, batch size and step count are our choices (not given in the issue).
+  config.data.patch_size = (64, 64, 64)
+  config.data.batch_size = 2          # per training set: each step takes one batch from each
+  # The task-specific training sets (phantoms; `root` takes a user's folder instead).
+  subjects = config.data.phantom_subjects
+  config.data.tissue_set = ml_collections.ConfigDict(dict(
+      root=ml_collections.FieldReference(None, field_type=str), subjects=subjects, seed=1,
+      modalities=("t1",)))
+  config.data.lesion_set = ml_collections.ConfigDict(dict(
+      root=ml_collections.FieldReference(None, field_type=str), subjects=subjects, seed=2,
+      modalities=("t1", "flair")))
+  config.data.lesion_dilation = 3      # lesion patches are centred in the dilated lesion maps
+  config.data.lesion_fraction = 1.0    # fraction of lesion patches centred there (else anywhere)
+  config.train.num_steps = 30000
+
+  if preset == "demo":
+    config.data.phantom_spacing = 4.0
+    config.data.patch_size = (24, 24, 24)
+    config.data.batch_size = 2
+    config.model.update(features=(8, 16, 16), blocks_per_stage=1, head_features=16)
+    config.loss.consistency_start = 200
+    config.optimizer.update(schedule="cosine", warmup_steps=25)
+    config.train.update(num_steps=800, eval_every=200, checkpoint_every=200)
+  elif preset == "smoke":
+    config.data.patch_size = (12, 12, 12)
+    config.data.batch_size = 2
+    config.model.update(features=(4, 4, 4), blocks_per_stage=1, head_features=4)
+    config.loss.consistency_start = 2
+    config.train.num_steps = 4
+  return config

@@ -1,0 +1,448 @@
+"""Joint lesion and tissue segmentation from task-specific hetero-modal datasets (Dorent et al., 2019).
+
+Two datasets, each annotated for one task and imaged with its own protocol, train one model that
+segments tissues and lesions in the label space of the `tissue` task (background, csf, gm, wm,
+lesion):
+  * a tissue set of control scans: T1 only, labels background and tissue classes;
+  * a lesion set: T1 + FLAIR, lesion labels only (other voxels carry no tissue label).
+
+Network: HighResNet (Li et al., 2017: residual blocks of dilated 3x3x3 convolutions at dilations 1, 2,
+4, constant resolution) made hetero-modal: its first stage runs per modality (parameters stacked on a
+modality axis, applied with vmap) and is averaged over the available modalities (masked mean), so it
+accepts T1 alone or T1 + FLAIR.
+
+Loss: the probabilistic Jaccard loss L = sum_c w_c (1 - J_c), w = 1/(2 n_tissue) per tissue class and
+1/2 for the lesion class, split into a tissue part L^t and a lesion part L^l. The empirical risk is
+  R^t_2 = L^t(h(T1), y^t)                on control scans (tissue labels),
+  R^l   = L^l(h(T1, FLAIR), y^l)         on lesion scans (only the lesion class is scored),
+  R^t_1 = L^t(h(T1, FLAIR), h(T1))       on lesion scans: the inter-modality consistency term that
+                                         bounds the unobservable tissue risk there (triangle
+                                         inequality), skipped before `consistency_start`.
+J_c = sum min(p, t) / sum max(p, t) is the Jaccard index of fuzzy sets (a metric, zero when p == t);
+on one-hot targets it equals the `hemijax.losses.probabilistic_jaccard` form, which the supervised
+terms use.
+
+Variants (`config.variant`): "joint" (all three terms), "tissue_only" (R^t_2; the head predicts the
+tissue classes only) and "lesion_only" (R^l; the head predicts non-lesion vs lesion), the
+task-specific baselines with the same network.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hemijax import fusion, layers, losses
+from hemijax.data import datasets, sampling
+from hemijax.data.tasks import get_task
+from hemijax.models import base
+
+VARIANTS = ("joint", "tissue_only", "lesion_only")
+NORMS = ("instance", "none")
+# Logit of a class the head does not predict (task-specific baselines): softmax gives it 0.
+ABSENT_LOGIT = -1e4
+JOINT_TASK = "tissue"      # the joint label space
+LESION_SET_TASK = "wmh"    # the lesion dataset's task (label 1 = lesion)
+SETS = ("tissue", "lesion")
+
+
+# ----------------------------------------------------------------------------------------------
+# Network
+
+def _norm(kind: str, name: str | None = None):
+  if kind == "instance":
+    return nn.GroupNorm(num_groups=None, group_size=1, name=name)
+  return lambda x: x
+
+
+def split_subgrids(x, dilation: int):
+  """(B, *sp, C) -> (d^n B, *ceil(sp / d), C): the d^n interleaved sub-grids as batch items.
+
+  A 'SAME' convolution with dilation d equals a dilation-1 convolution of each sub-grid (the
+  sub-grids are zero-padded at the end to a multiple of d, which 'SAME' zero padding implies).
+  """
+  d = dilation
+  b, *spatial, c = x.shape
+  n = len(spatial)
+  x = jnp.pad(x, [(0, 0)] + [(0, (-s) % d) for s in spatial] + [(0, 0)])
+  coarse = [s // d for s in x.shape[1:-1]]
+  x = x.reshape([b] + [v for s in coarse for v in (s, d)] + [c])
+  phases, grid = [2 + 2 * i for i in range(n)], [1 + 2 * i for i in range(n)]
+  x = x.transpose(phases + [0] + grid + [2 * n + 1])
+  return x.reshape([d**n * b] + coarse + [c])
+
+
+def merge_subgrids(y, dilation: int, batch: int, spatial):
+  """Inverse of `split_subgrids`: (d^n B, *coarse, C) -> (B, *spatial, C)."""
+  d, n = dilation, len(spatial)
+  coarse, c = list(y.shape[1:-1]), y.shape[-1]
+  y = y.reshape([d] * n + [batch] + coarse + [c])
+  order = [n] + [a for i in range(n) for a in (n + 1 + i, i)] + [2 * n + 1]
+  y = y.transpose(order).reshape([batch] + [s * d for s in coarse] + [c])
+  return y[(slice(None),) + tuple(slice(0, s) for s in spatial)]
+
+
+class ResidualBlock(nn.Module):
+  """Pre-activation residual block: 2 x (norm, ReLU, dilated conv); 1x1x1 projection if widths differ.
+
+  space_to_batch: run each dilated convolution as a dilation-1 convolution of the interleaved
+  sub-grids (the same numbers; on XLA CPU about 3-4x faster than a dilated convolution).
+  """
+  features: int
+  dilation: int = 1
+  kernel_size: int = 3
+  norm: str = "instance"
+  conv_impl: str = "auto"
+  space_to_batch: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    rearrange = self.space_to_batch and self.dilation > 1
+    y = x
+    for _ in range(2):
+      y = nn.relu(_norm(self.norm)(y))
+      conv = layers.Conv(self.features, self.kernel_size, dilation=1 if rearrange else self.dilation,
+                         impl=self.conv_impl)
+      if rearrange:
+        y = merge_subgrids(conv(split_subgrids(y, self.dilation)), self.dilation, y.shape[0],
+                           y.shape[1:-1])
+      else:
+        y = conv(y)
+    if x.shape[-1] != self.features:
+      x = layers.Conv(self.features, 1, use_bias=False, impl=self.conv_impl)(x)
+    return x + y
+
+
+class ModalityStage(nn.Module):
+  """One modality's first stage: conv, norm, ReLU, then the residual blocks of the first stages."""
+  features: Sequence[int]
+  dilations: Sequence[int]
+  blocks_per_stage: int
+  kernel_size: int = 3
+  norm: str = "instance"
+  conv_impl: str = "auto"
+  space_to_batch: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    x = layers.Conv(self.features[0], self.kernel_size, impl=self.conv_impl)(x)
+    x = nn.relu(_norm(self.norm)(x))
+    for width, dilation in zip(self.features, self.dilations):
+      for _ in range(self.blocks_per_stage):
+        x = ResidualBlock(width, dilation, self.kernel_size, self.norm, self.conv_impl,
+                          self.space_to_batch)(x)
+    return x
+
+
+class HeteroModalHighResNet(nn.Module):
+  """HighResNet whose first `modality_stages` stages run per modality, fused by a masked mean.
+
+  `head_classes`: the class ids (of `num_classes`) the head predicts; the others get ABSENT_LOGIT,
+  so a task-specific model lives in the joint label space. None: all classes.
+  """
+  num_modalities: int
+  num_classes: int
+  features: Sequence[int] = (16, 32, 64)
+  dilations: Sequence[int] = (1, 2, 4)
+  blocks_per_stage: int = 3
+  modality_stages: int = 1
+  head_features: int = 80
+  kernel_size: int = 3
+  norm: str = "instance"
+  head_classes: Sequence[int] | None = None
+  conv_impl: str = "auto"
+  space_to_batch: bool = True
+
+  def setup(self):
+    k = self.modality_stages
+    stacked = nn.vmap(ModalityStage, in_axes=0, out_axes=0, variable_axes={"params": 0},
+                      split_rngs={"params": True}, axis_size=self.num_modalities)
+    self.modality_stage = stacked(tuple(self.features[:k]), tuple(self.dilations[:k]),
+                                  self.blocks_per_stage, self.kernel_size, self.norm,
+                                  self.conv_impl, self.space_to_batch)
+    self.shared_blocks = [
+        ResidualBlock(width, dilation, self.kernel_size, self.norm, self.conv_impl,
+                      self.space_to_batch)
+        for width, dilation in zip(self.features[k:], self.dilations[k:])
+        for _ in range(self.blocks_per_stage)]
+    self.final_norm = _norm(self.norm)
+    self.head_norm = _norm(self.norm)
+    self.head = layers.Conv(self.head_features, 1, impl=self.conv_impl)
+    self.classifier = layers.Conv(len(self._head_classes()), 1, impl=self.conv_impl)
+
+  def _head_classes(self) -> tuple[int, ...]:
+    return tuple(range(self.num_classes)) if self.head_classes is None else tuple(self.head_classes)
+
+  def encode(self, image, train=False):
+    """(B, *sp, M) -> per-modality first-stage features (B, M, *sp, C)."""
+    per_modality = jnp.moveaxis(image, -1, 0)[..., None]
+    return jnp.moveaxis(self.modality_stage(per_modality), 0, 1)
+
+  def decode(self, features, modality_mask, train=False):
+    """Masked mean over the available modalities, the shared dilated stages, then the head."""
+    mask = fusion.expand_modality_mask(modality_mask, features.ndim)
+    x = fusion.masked_mean(features, mask, axis=1)
+    for block in self.shared_blocks:
+      x = block(x)
+    x = nn.relu(self.final_norm(x))
+    x = nn.relu(self.head_norm(self.head(x)))
+    logits = self.classifier(x)
+    classes = self._head_classes()
+    if len(classes) == self.num_classes and classes == tuple(range(self.num_classes)):
+      return logits
+    full = jnp.full(logits.shape[:-1] + (self.num_classes,), ABSENT_LOGIT, logits.dtype)
+    return full.at[..., np.asarray(classes)].set(logits)
+
+  def __call__(self, image, modality_mask, train=False):
+    image = base.zero_missing(image, modality_mask)
+    return self.decode(self.encode(image), modality_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss
+
+def class_weights(num_classes: int, lesion_class: int) -> np.ndarray:
+  """w_c = 1 / (2 n_tissue) for each tissue class (background included), 1/2 for the lesion."""
+  n_tissue = num_classes - 1
+  weights = np.full(num_classes, 1.0 / (2 * n_tissue), np.float32)
+  weights[lesion_class] = 0.5
+  return weights
+
+
+def fuzzy_jaccard_distance(probs, target, valid=None, class_weights=None, smooth=1e-5):
+  """sum_c w_c (1 - J_c), J_c = sum min(p, t) / sum max(p, t) over valid voxels (pooled over batch).
+
+  Unlike `losses.probabilistic_jaccard` (p t / (p + t - p t), equal on one-hot targets) it is a
+  metric on soft targets, exactly 0 when probs == target; the weights are not normalised, so the
+  terms of a decomposed loss add up to the whole.
+  """
+  num_classes = probs.shape[-1]
+  weights = (jnp.ones(target.shape[:-1], jnp.float32) if valid is None
+             else jnp.asarray(valid, jnp.float32))[..., None]
+  axes = tuple(range(probs.ndim - 1))
+  intersection = jnp.sum(jnp.minimum(probs, target) * weights, axis=axes)
+  union = jnp.sum(jnp.maximum(probs, target) * weights, axis=axes)
+  jaccard = (intersection + smooth) / (union + smooth)
+  w = jnp.ones(num_classes) if class_weights is None else jnp.asarray(class_weights, jnp.float32)
+  return jnp.sum(w * (1.0 - jaccard))
+
+
+def tissue_term(probs, labels, valid, weights, lesion_class):
+  """L^t(p, y^t) = sum over tissue classes of w_c (1 - J_c), y^t a tissue label map (class ids)."""
+  tissue = np.array([c for c in range(probs.shape[-1]) if c != lesion_class])
+  target = jax.nn.one_hot(labels, probs.shape[-1])[..., tissue]
+  w = jnp.asarray(weights)[tissue]
+  # The shared loss normalises by sum(w); undo it so that L^t + L^l = L.
+  return jnp.sum(w) * losses.probabilistic_jaccard(probs[..., tissue], target, valid, w)
+
+
+def lesion_term(probs, lesion, valid, weights, lesion_class):
+  """L^l(p, y^l) = w_lesion (1 - J_lesion); `lesion` is a boolean/0-1 lesion map."""
+  target = jnp.asarray(lesion, jnp.float32)[..., None]
+  return weights[lesion_class] * losses.probabilistic_jaccard(
+      probs[..., lesion_class:lesion_class + 1], target, valid)
+
+
+def consistency_term(probs_full, probs_tissue_protocol, valid, weights, lesion_class):
+  """R^t_1 = L^t(h(T1, FLAIR), h(T1)): tissue classes of the two predictions (soft target)."""
+  tissue = np.array([c for c in range(probs_full.shape[-1]) if c != lesion_class])
+  return fuzzy_jaccard_distance(probs_full[..., tissue], probs_tissue_protocol[..., tissue], valid,
+                                jnp.asarray(weights)[tissue])
+
+
+def variant_sets(variant: str) -> tuple[str, ...]:
+  """Which datasets a variant trains on."""
+  return {"joint": SETS, "tissue_only": ("tissue",), "lesion_only": ("lesion",)}[variant]
+
+
+def tissue_protocol_slots(config) -> np.ndarray:
+  """Boolean (M,): the model slots of the tissue dataset's modalities (T1): h(T1) uses these."""
+  names = tuple(config.data.tissue_set.modalities)
+  return np.array([m in names for m in config.modalities])
+
+
+def make_loss_fn(model: nn.Module, config) -> base.LossFn:
+  """The variant's loss: R^t_2 + R^l + consistency_weight * [step >= consistency_start] R^t_1."""
+  task = get_task(config.task)
+  lesion_class = task.class_names.index("lesion")
+  weights = jnp.asarray(class_weights(task.num_classes, lesion_class))
+  sets = variant_sets(config.variant)
+  lc = config.loss
+  use_consistency = config.variant == "joint" and lc.consistency_weight > 0
+  slots = jnp.asarray(tissue_protocol_slots(config))
+
+  def loss_fn(params, model_state, batch, key, step):
+    del key  # deterministic network (no dropout)
+    variables = {"params": params, **model_state}
+    softmax = lambda logits: jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    loss = jnp.zeros((), jnp.float32)
+    metrics = {}
+    if "tissue" in sets:
+      tb = batch["tissue"]
+      probs = softmax(model.apply(variables, tb["image"], tb["modality_mask"], train=True))
+      metrics["tissue_loss"] = tissue_term(probs, tb["label"], tb["valid"], weights, lesion_class)
+      loss = loss + metrics["tissue_loss"]
+    if "lesion" in sets:
+      lb = batch["lesion"]
+      mask = lb["modality_mask"]
+      # Encode once; decode with all modalities and with the tissue protocol's (T1) only.
+      features = model.apply(variables, base.zero_missing(lb["image"], mask), method="encode")
+      decode = lambda m: softmax(model.apply(variables, features, m, method="decode"))
+      probs_full = decode(mask)
+      metrics["lesion_loss"] = lesion_term(probs_full, lb["label"] == 1, lb["valid"], weights,
+                                           lesion_class)
+      loss = loss + metrics["lesion_loss"]
+      if use_consistency:
+        t1_mask = mask & slots[None]
+        # Scans without any tissue-protocol modality have no h(T1): left out of the term.
+        valid = lb["valid"] & jnp.any(t1_mask, axis=1).reshape((-1,) + (1,) * (lb["valid"].ndim - 1))
+
+        def consistency(_):
+          return consistency_term(probs_full, decode(t1_mask), valid, weights, lesion_class)
+
+        active = step >= lc.consistency_start
+        # lax.cond: the T1-only decode is not computed before the start step.
+        term = jax.lax.cond(active, consistency, lambda _: jnp.zeros((), jnp.float32), None)
+        metrics["consistency_loss"] = term
+        metrics["consistency_active"] = active.astype(jnp.float32)
+        loss = loss + lc.consistency_weight * term
+    metrics["loss"] = loss
+    return loss, (metrics, dict(model_state))
+
+  return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: the two task-specific training sets
+
+def set_config(config, which: str):
+  """A copy of `config` whose data section names the tissue or the lesion training set.
+
+  Phantoms go through `datasets.ensure_phantom` (generated once into config.data.cache_dir, in a
+  temporary folder that is then renamed); `root` in the set's section points at a user's folder.
+  """
+  if which not in SETS:
+    raise ValueError(f"unknown training set {which!r}; choose one of {SETS}")
+  spec = config.data[f"{which}_set"]
+  cfg = copy.deepcopy(config)
+  with cfg.unlocked():
+    cfg.task = JOINT_TASK if which == "tissue" else LESION_SET_TASK
+    cfg.data.root = spec.get("root", None)
+    cfg.data.phantom_subjects = int(spec.subjects)
+    cfg.data.phantom_seed = int(spec.seed)
+    cfg.data.phantom_modalities = tuple(spec.modalities)
+    cfg.data.phantom_lesions = False
+    cfg.data.phantom_missing_rate = 0.0
+  return cfg
+
+
+def load_set(config, which: str, split: str | None = "train"):
+  """Preprocessed volumes of the tissue or lesion training set, in the joint model's slots."""
+  cfg = set_config(config, which)
+  return datasets.load_split(cfg, split, root=datasets.dataset_root(cfg))
+
+
+def make_batches(config, load_split):
+  """`step -> {"tissue": batch, "lesion": batch}` (the variant's sets), deterministic in (seed, step).
+
+  Tissue patches are drawn uniformly in the brain; lesion patches are centred in the dilated lesion
+  maps (`lesion_weighted`). A lesion batch's `label` is 1 on lesion, 0 elsewhere (no tissue label).
+  `image` and `modality_mask` of the first set are repeated at the top level: the loop initialises
+  the model from `batch["image"]`, `batch["modality_mask"]`.
+  """
+  del load_split  # trains on the two task-specific sets, never on config.task's (evaluation) data
+  d = config.data
+  lesion_id = get_task(LESION_SET_TASK).class_names.index("lesion")
+  samplers = {}
+  for which in variant_sets(config.variant):
+    volumes = load_set(config, which, "train")
+    if which == "tissue":
+      samplers[which] = sampling.Sampler(volumes, patch_size=tuple(d.patch_size), strategy="uniform")
+    else:
+      samplers[which] = sampling.Sampler(
+          volumes, patch_size=tuple(d.patch_size), strategy="lesion_weighted",
+          lesion_class=lesion_id, lesion_dilation=d.lesion_dilation,
+          lesion_fraction=d.lesion_fraction)
+
+  def make_batch(step):
+    batch = {}
+    for stream, which in enumerate(SETS):  # a fixed stream per set, whatever the variant
+      if which in samplers:
+        rng = np.random.default_rng((config.seed, step, stream))
+        sub = samplers[which].sample(rng, d.batch_size)
+        if which == "lesion":
+          sub["label"] = (sub["label"] == lesion_id).astype(np.int32)
+        batch[which] = sub
+    first = batch[next(w for w in SETS if w in batch)]
+    batch["image"], batch["modality_mask"] = first["image"], first["modality_mask"]
+    return batch
+
+  return make_batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Method
+
+def check_config(config) -> None:
+  """One-line errors naming the option for settings this method cannot use."""
+  if config.task != JOINT_TASK:
+    raise ValueError(f"config.task: the joint model uses the {JOINT_TASK!r} label space, "
+                     f"got {config.task!r}")
+  if config.variant not in VARIANTS:
+    raise ValueError(f"config.variant: unknown variant {config.variant!r}; choose one of {VARIANTS}")
+  m = config.model
+  if m.norm not in NORMS:
+    raise ValueError(f"config.model.norm: unknown norm {m.norm!r}; choose one of {NORMS}")
+  if len(m.features) != len(m.dilations) or not m.features:
+    raise ValueError(f"config.model.features {tuple(m.features)} and config.model.dilations "
+                     f"{tuple(m.dilations)} must be non-empty and of the same length")
+  if not 1 <= m.modality_stages <= len(m.features):
+    raise ValueError(f"config.model.modality_stages must be in [1, {len(m.features)}], "
+                     f"got {m.modality_stages}")
+  if m.blocks_per_stage < 1:
+    raise ValueError(f"config.model.blocks_per_stage must be >= 1, got {m.blocks_per_stage}")
+  if config.loss.consistency_weight < 0:
+    raise ValueError(f"config.loss.consistency_weight must be >= 0, "
+                     f"got {config.loss.consistency_weight}")
+  if config.loss.consistency_start < 0:
+    raise ValueError(f"config.loss.consistency_start must be >= 0, "
+                     f"got {config.loss.consistency_start}")
+  for which in SETS:
+    names = tuple(config.data[f"{which}_set"].modalities)
+    extra = [n for n in names if n not in config.modalities]
+    if not names or extra:
+      raise ValueError(f"config.data.{which}_set.modalities: {list(names)} must be a non-empty "
+                       f"subset of config.modalities {list(config.modalities)}")
+
+
+def head_classes(config) -> tuple[int, ...] | None:
+  task = get_task(config.task)
+  lesion_class = task.class_names.index("lesion")
+  if config.variant == "tissue_only":
+    return tuple(c for c in range(task.num_classes) if c != lesion_class)
+  if config.variant == "lesion_only":
+    return (0, lesion_class)  # not lesion (reported as background), lesion
+  return None
+
+
+def build(config) -> base.Method:
+  check_config(config)
+  task = get_task(config.task)
+  modalities = tuple(config.modalities)
+  m = config.model
+  model = HeteroModalHighResNet(
+      num_modalities=len(modalities), num_classes=task.num_classes, features=tuple(m.features),
+      dilations=tuple(m.dilations), blocks_per_stage=m.blocks_per_stage,
+      modality_stages=m.modality_stages, head_features=m.head_features, kernel_size=m.kernel_size,
+      norm=m.norm, head_classes=head_classes(config), conv_impl=m.conv_impl,
+      space_to_batch=m.get("space_to_batch", True))
+  loss_fn = make_loss_fn(model, config)
+  stage = base.Stage(config.variant, loss_fn, config.train.num_steps, config.optimizer,
+                     make_batches=make_batches)
+  return base.Method(name="joint", model=model, loss_fn=loss_fn, modalities=modalities,
+                     num_classes=task.num_classes, spatial_dims=len(config.data.patch_size),
+                     stages=(stage,))

@@ -1,0 +1,291 @@
+"""Unlabeled scans with a PIMMS workdir: prediction from unnamed inputs and classifier accuracy.
+
+  from hemijax import load_predictor, unlabeled
+  predictor = load_predictor("runs/pimms_soft")
+  labels = unlabeled.predict_unlabeled(predictor, [scan_a, scan_b])      # 3D arrays, any order
+  unlabeled.predict_unlabeled_files(predictor, ["a.nii.gz", "b.nii.gz"], "seg.nii.gz")
+
+  python -m hemijax.unlabeled accuracy --workdir runs/pimms_soft [--data DIR] [--split test]
+
+The scans are preprocessed together (one brain mask: voxels non-zero in any scan; crop;
+per-scan normalisation inside it), padded to `config.model.max_scans` masked scans, and segmented
+by the model, whose classifier decides which modality each scan is. The classifier's accuracy is
+measured on the windows the model sees at inference (axial slices for 2D models, `roi` windows for
+3D ones) that hold any brain voxel: `window_accuracy` over (window, present modality) pairs, and
+`volume_accuracy` over (case, present modality) pairs from the window-averaged probabilities.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import pathlib
+import weakref
+
+import jax
+import numpy as np
+
+from hemijax import inference
+from hemijax.data import io, preprocess
+from hemijax.models import pimms
+
+_FORWARDS = weakref.WeakKeyDictionary()  # predictor -> jitted forward over max_scans scan slots
+
+
+def check_unlabeled_config(config) -> None:
+  """Unnamed scans need a PIMMS model with a modality classifier (not the hemis variant)."""
+  if config.method != "pimms":
+    raise ValueError(f"unnamed inputs need a PIMMS workdir; this one is {config.method!r} "
+                     "(give MODALITY=PATH inputs)")
+  if config.model.variant == "hemis":
+    raise ValueError("this PIMMS workdir is the 'hemis' variant (true modality labels, no "
+                     "classifier); give MODALITY=PATH inputs")
+
+
+def preprocess_scans(scans, affine=None, target_spacing=None) -> preprocess.Volume:
+  """N unnamed 3D arrays on one grid -> a `Volume` with `image (X, Y, Z, N)`, all available.
+
+  The brain is the voxels non-zero in any scan; every scan is cropped to it, resampled and
+  normalised inside it, exactly as named modalities are (`preprocess.preprocess_raw`).
+  """
+  scans = list(scans)
+  if not scans:
+    raise ValueError("scans: give at least one scan")
+  affine = np.eye(4) if affine is None else affine
+  raw = preprocess.raw_case_from_arrays({f"scans[{i}]": s for i, s in enumerate(scans)}, affine)
+  brain = np.zeros(raw.shape, bool)
+  for array in raw.images.values():
+    brain |= array != 0
+  # The union brain passed as a 0/1 "label" gives every scan the same crop and normalisation mask.
+  volumes = [preprocess.preprocess_raw(
+      preprocess.RawCase({"t1": array}, brain.astype(np.int32), raw.affine, None, raw.shape),
+      "input", ("t1",), (0, 1), target_spacing=target_spacing) for array in raw.images.values()]
+  first = volumes[0]
+  image = np.concatenate([v.image for v in volumes], axis=-1)
+  return preprocess.Volume("input", image, np.ones(len(scans), bool), None, first.brain,
+                           first.spacing, first.transform)
+
+
+def _slot_forward(predictor):
+  """(method, window forward) of `predictor`'s model over `max_scans` scan slots (cached)."""
+  cached = _FORWARDS.get(predictor)
+  if cached is None:
+    max_scans = int(predictor.config.model.max_scans)
+    # The same model, seen as taking `max_scans` channels, so the inference code pads nothing.
+    method = dataclasses.replace(predictor.method,
+                                 modalities=tuple(f"scan{i}" for i in range(max_scans)))
+    cached = _FORWARDS[predictor] = (method,
+                                     inference.make_window_forward(method, predictor.variables))
+  return cached
+
+
+def predict_unlabeled(predictor, scans, affine=None, return_probabilities=False,
+                      return_modalities=False):
+  """Label map (dataset label values, in the input grid) from a list of unnamed 3D scans.
+
+  `predictor`: `hemijax.load_predictor(workdir)` of a PIMMS workdir (soft, hard or online).
+  With `return_probabilities`, also the class probabilities `(X, Y, Z, C)`; with
+  `return_modalities`, also each scan's modality as the classifier sees it (`classify_scans`).
+  """
+  config = predictor.config
+  check_unlabeled_config(config)
+  scans = list(scans)
+  max_scans = int(config.model.max_scans)
+  if len(scans) > max_scans:
+    raise ValueError(f"{len(scans)} scans given; this model takes at most {max_scans} "
+                     "(config.model.max_scans)")
+  volume = preprocess_scans(scans, affine, config.data.target_spacing)
+  image, scan_mask = pimms.pad_scans(volume.image, volume.available, max_scans)
+  method, forward = _slot_forward(predictor)
+  e = config.eval
+  probs = inference.predict_probabilities(
+      method, predictor.variables, image, scan_mask[None],
+      roi=e.roi_size or config.data.patch_size, overlap=e.overlap, batch_size=e.sw_batch_size,
+      blend=e.blend, forward=forward)[0]
+  classes = np.argmax(probs, axis=-1)
+  labels = preprocess.class_ids_to_label_values(
+      preprocess.to_original_grid(volume.transform, classes, order=0),
+      predictor.task.label_values)
+  out = [labels]
+  if return_probabilities:
+    out.append(preprocess.to_original_grid(volume.transform, probs, order=1))
+  if return_modalities:
+    out.append(classify_scans(predictor.method, predictor.variables, volume.image, volume.brain,
+                              roi=e.roi_size or config.data.patch_size))
+  return out[0] if len(out) == 1 else tuple(out)
+
+
+def read_scans(paths):
+  """Loads NIfTI scans that must share one grid -> (arrays, affine); errors name the file."""
+  paths = [pathlib.Path(p) for p in paths]
+  if not paths:
+    raise ValueError("--input: give at least one scan")
+  arrays, affine, shape = [], None, None
+  for path in paths:
+    data, aff, _ = io.load_nifti(path)
+    if shape is None:
+      affine, shape = aff, data.shape
+    elif data.shape != shape or not np.allclose(aff, affine, atol=1e-3):
+      raise io.DataError(f"{path}: shape/affine {data.shape} differs from {paths[0]}")
+    arrays.append(data)
+  return arrays, affine
+
+
+def predict_unlabeled_files(predictor, paths, output, probabilities=None):
+  """Segments unnamed NIfTI scans (`predict.py --input a.nii.gz --input b.nii.gz`).
+
+  Writes the label map (and optionally the 4D probabilities) with the inputs' affine; returns
+  [(path, modality, probability)], the classifier's view of each scan.
+  """
+  arrays, affine = read_scans(paths)
+  labels, probs, modalities = predict_unlabeled(predictor, arrays, affine,
+                                                return_probabilities=True, return_modalities=True)
+  io.save_nifti_atomic(output, labels.astype(np.uint8 if labels.max() < 256 else np.int16), affine)
+  if probabilities:
+    io.save_nifti_atomic(probabilities, probs.astype(np.float32), affine)
+  return [(str(p), name, prob) for p, (name, prob) in zip(paths, modalities)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The classifier on inference windows
+
+
+def _windows(shape, spatial_dims, roi, overlap):
+  """Slices of the windows the model sees: axial slices (2D) or `roi` windows (3D)."""
+  if spatial_dims == 2:
+    return [(slice(None), slice(None), z) for z in range(shape[2])]
+  roi = tuple(min(int(r), s) for r, s in zip(roi or shape, shape))
+  starts = itertools.product(*[inference.window_starts(s, r, overlap) for s, r in zip(shape, roi)])
+  return [tuple(slice(a, a + r) for a, r in zip(st, roi)) for st in starts]
+
+
+def make_classify(method):
+  """jitted `(variables, scans (B, *sp, N)) -> probabilities (B, N, M)` of the classifier."""
+  if method.name != "pimms" or getattr(method.model, "variant", None) == "hemis":
+    raise ValueError("the modality classifier needs a PIMMS method of variant soft, hard or online")
+  return jax.jit(lambda v, x: jax.nn.softmax(method.model.apply(v, x, method="classify"), axis=-1))
+
+
+def window_scan_probabilities(method, variables, image, brain, *, roi=None, overlap=0.5,
+                              batch_size=16, classify=None):
+  """Classifier probabilities `(W, N, M)` for the W windows of `image (X, Y, Z, N)` holding brain.
+
+  Each scan of each window is classified on its own, as inside the model.
+  """
+  classify = classify or make_classify(method)
+  windows = [w for w in _windows(image.shape[:3], method.spatial_dims, roi, overlap)
+             if brain[w].any()]
+  if not windows:
+    raise ValueError("no window holds a brain voxel")
+  out = []
+  for i in range(0, len(windows), batch_size):
+    chunk = np.stack([image[w] for w in windows[i:i + batch_size]])
+    count = len(chunk)
+    if count < batch_size:  # one compiled batch shape
+      pad = np.zeros((batch_size - count,) + chunk.shape[1:], chunk.dtype)
+      chunk = np.concatenate([chunk, pad])
+    out.append(np.asarray(classify(variables, chunk))[:count])
+  return np.concatenate(out)
+
+
+def classify_scans(method, variables, image, brain, *, roi=None, overlap=0.5):
+  """Each scan's modality: [(name, probability)] from the window-averaged probabilities."""
+  mean = window_scan_probabilities(method, variables, image, brain, roi=roi,
+                                   overlap=overlap).mean(axis=0)
+  return [(method.modalities[int(k)], float(p[k])) for p, k in zip(mean, mean.argmax(-1))]
+
+
+def classifier_report(method, variables, volumes, *, roi=None, overlap=0.5) -> dict:
+  """Accuracy of the modality classifier on `volumes` (their present modalities, in slot order).
+
+  Returns window_accuracy, volume_accuracy, the counts and the window confusion matrix
+  (rows: true modality, columns: predicted, in `method.modalities` order).
+  """
+  m = len(method.modalities)
+  classify = make_classify(method)
+  confusion = np.zeros((m, m), np.int64)
+  volume_hits, volume_count = 0, 0
+  for vol in volumes:
+    present = np.flatnonzero(vol.available)
+    probs = window_scan_probabilities(method, variables, vol.image[..., present], vol.brain,
+                                      roi=roi, overlap=overlap, classify=classify)
+    predicted = probs.argmax(-1)                          # (W, present)
+    for j, true in enumerate(present):
+      confusion[true] += np.bincount(predicted[:, j], minlength=m)
+    volume_hits += int(np.sum(probs.mean(0).argmax(-1) == present))
+    volume_count += len(present)
+  windows = int(confusion.sum())
+  return {"window_accuracy": float(np.trace(confusion) / max(windows, 1)),
+          "volume_accuracy": float(volume_hits / max(volume_count, 1)),
+          "windows": windows, "scans": volume_count, "cases": len(volumes),
+          "modalities": list(method.modalities), "confusion": confusion.tolist()}
+
+
+def classifier_accuracy(method, variables, volumes, *, roi=None, overlap=0.5) -> float:
+  """Fraction of (window, present modality) pairs classified right (see `classifier_report`)."""
+  return classifier_report(method, variables, volumes, roi=roi, overlap=overlap)["window_accuracy"]
+
+
+def accuracy_markdown(report: dict, title: str) -> str:
+  names = report["modalities"]
+  lines = [f"### {title}", "",
+           f"window accuracy {report['window_accuracy']:.3f} ({report['windows']} windows), "
+           f"volume accuracy {report['volume_accuracy']:.3f} ({report['scans']} scans of "
+           f"{report['cases']} cases)", "",
+           "| true \\ predicted | " + " | ".join(names) + " |",
+           "|---|" + "---|" * len(names)]
+  for name, row in zip(names, report["confusion"]):
+    lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def workdir_accuracy(workdir, *, data=None, layout="auto", split="test", step="best") -> dict:
+  """`classifier_report` of a PIMMS workdir's checkpoint on a split of its (or another) dataset."""
+  from hemijax.data import datasets, layouts
+  from hemijax.predictor import Predictor
+
+  predictor = Predictor(workdir, step)
+  check_unlabeled_config(predictor.config)
+  config = predictor.config
+  root = pathlib.Path(data) if data else datasets.dataset_root(config)
+  if not root.is_dir():
+    raise ValueError(f"--data: {root} is not a folder")
+  if layouts.read_splits(root) is None:
+    split = None
+  volumes = datasets.load_split(config, split, root=root, layout=layout)
+  report = classifier_report(predictor.method, predictor.variables, volumes,
+                             roi=config.eval.roi_size or config.data.patch_size,
+                             overlap=config.eval.overlap)
+  report.update(workdir=str(workdir), data=str(root), split=split)
+  return report
+
+
+def main(argv=None):
+  from hemijax import cli
+
+  parser = argparse.ArgumentParser(prog="python -m hemijax.unlabeled",
+                                   description="PIMMS modality-classifier accuracy of a workdir.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  acc = sub.add_parser("accuracy", help="classifier accuracy on a split")
+  acc.add_argument("--workdir", required=True)
+  acc.add_argument("--data", default=None, help="dataset folder (default: the run's data)")
+  acc.add_argument("--layout", default="auto")
+  acc.add_argument("--split", default="test", choices=("train", "val", "test"))
+  acc.add_argument("--step", default="best")
+  acc.add_argument("--out", default=None, help="JSON file to write the report to")
+  args = parser.parse_args(argv)
+
+  def run():
+    report = workdir_accuracy(args.workdir, data=args.data, layout=args.layout, split=args.split,
+                              step=args.step)
+    if args.out:
+      from hemijax.training.checkpoints import write_json_atomic
+      write_json_atomic(args.out, report)
+    print(accuracy_markdown(report, f"{pathlib.Path(args.workdir).name} on "
+                                    f"{pathlib.Path(report['data']).name} ({args.split})"))
+
+  cli.run(run)
+
+
+if __name__ == "__main__":
+  main()

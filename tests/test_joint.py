@@ -1,0 +1,334 @@
+"""Joint lesion + tissue model: hetero-modal first stage, loss decomposition, data, smoke training."""
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import joint as joint_config
+from hemijax import losses
+from hemijax.models import get_method, joint
+
+T1_ONLY = np.array([[True, False]])
+BOTH = np.array([[True, True]])
+SMALL = dict(features=(3, 4), dilations=(1, 2), blocks_per_stage=1, head_features=4)
+LESION = 4
+WEIGHTS = joint.class_weights(5, LESION)
+
+
+def numpy_variables(model, *inputs, seed=0):
+  """Variables drawn with NumPy: no PRNG compilation, which dominates these tests on CPU."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), *inputs)
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.5, s.shape), s.dtype), shapes)
+
+
+class Net:
+  """A small model with jitted forward / encode / decode (one compilation each)."""
+
+  def __init__(self, **kwargs):
+    self.model = joint.HeteroModalHighResNet(num_modalities=2, num_classes=5, **kwargs)
+    self.image = jnp.asarray(np.random.default_rng(1).normal(size=(1, 6, 6, 6, 2)), jnp.float32)
+    self.variables = numpy_variables(self.model, self.image, BOTH)
+    apply = lambda *args, method=None: jax.jit(functools.partial(self.model.apply, method=method))
+    self.forward = apply()
+    self.encode = apply(method="encode")
+    self.decode = apply(method="decode")
+
+
+@pytest.fixture(scope="module")
+def net():
+  return Net(**SMALL)
+
+
+# ----------------------------------------------------------------------------------------------
+# Network: per-modality first stage, masked mean
+
+def test_absent_flair_values_do_not_matter(net):
+  variables, image = net.variables, net.image
+  clean = net.forward(variables, image.at[..., 1].set(0.0), T1_ONLY)
+  garbage = net.forward(variables, image.at[..., 1].set(jnp.nan), T1_ONLY)
+  huge = net.forward(variables, image.at[..., 1].set(1e6), T1_ONLY)
+  assert np.all(np.isfinite(garbage))
+  np.testing.assert_array_equal(clean, garbage)
+  np.testing.assert_array_equal(clean, huge)
+
+
+def test_t1_plus_flair_decodes_the_mean_of_the_two_branches(net):
+  variables, image = net.variables, net.image
+  features = net.encode(variables, image)
+  assert features.shape[:2] == (1, 2)
+  both = net.decode(variables, features, BOTH)
+  # The mean placed in the T1 slot, garbage in the FLAIR slot, decoded from T1 alone.
+  mean = features.mean(axis=1, keepdims=True)
+  as_t1 = jnp.concatenate([mean, jnp.full_like(mean, 1e6)], axis=1)
+  np.testing.assert_allclose(net.decode(variables, as_t1, T1_ONLY), both, rtol=1e-5, atol=1e-5)
+  # The FLAIR branch is used when present: T1 alone gives other logits.
+  t1 = net.decode(variables, features, T1_ONLY)
+  assert np.max(np.abs(np.asarray(t1) - np.asarray(both))) > 1e-3
+  np.testing.assert_allclose(net.forward(variables, image, BOTH), both, rtol=1e-5, atol=1e-5)
+
+
+def test_t1_only_prediction_has_no_gradient_into_the_flair_branch():
+  tiny = Net(features=(2, 2), dilations=(1, 2), blocks_per_stage=1, head_features=2)
+  model, variables, image = tiny.model, tiny.variables, tiny.image
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, image, T1_ONLY) ** 2)))(
+      variables["params"])
+  stage = jax.tree.leaves(grads["modality_stage"])
+  assert all(np.all(np.asarray(g)[1] == 0) for g in stage)
+  assert any(np.any(np.asarray(g)[0] != 0) for g in stage)
+
+
+@pytest.mark.parametrize("shape, dilation", [((1, 7, 6, 5, 3), 2), ((2, 9, 5, 3), 4)])
+def test_subgrid_dilated_convolution_equals_the_dilated_convolution(shape, dilation):
+  x = jnp.asarray(np.random.default_rng(2).normal(size=shape), jnp.float32)
+  fast = joint.ResidualBlock(4, dilation, norm="none", space_to_batch=True)
+  plain = joint.ResidualBlock(4, dilation, norm="none", space_to_batch=False)
+  variables = numpy_variables(plain, x)
+  np.testing.assert_allclose(jax.jit(fast.apply)(variables, x), jax.jit(plain.apply)(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  split = joint.split_subgrids(x, dilation)
+  assert split.shape[0] == shape[0] * dilation ** (len(shape) - 2)
+  np.testing.assert_array_equal(joint.merge_subgrids(split, dilation, shape[0], shape[1:-1]), x)
+
+
+def test_task_specific_heads_only_predict_their_classes():
+  for classes in ((0, 1, 2, 3), (0, LESION)):
+    tiny = Net(features=(2,), dilations=(1,), blocks_per_stage=1, head_features=2,
+               head_classes=classes)
+    probs = jax.nn.softmax(tiny.forward(tiny.variables, tiny.image, BOTH), axis=-1)
+    absent = [c for c in range(5) if c not in classes]
+    assert np.all(np.asarray(probs)[..., absent] == 0)
+    np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss
+
+def test_class_weights():
+  np.testing.assert_allclose(WEIGHTS, [1 / 8, 1 / 8, 1 / 8, 1 / 8, 1 / 2])
+  np.testing.assert_allclose(joint.class_weights(3, 1), [1 / 4, 1 / 2, 1 / 4])
+  assert WEIGHTS.sum() == pytest.approx(1.0)
+
+
+def random_probs(rng, shape):
+  return jax.nn.softmax(jnp.asarray(rng.normal(size=shape), jnp.float32), axis=-1)
+
+
+def one_hot(classes, n=5):
+  return jnp.asarray(np.eye(n, dtype=np.float32)[np.asarray(classes)])
+
+
+def test_tissue_term_on_hand_made_input():
+  labels = jnp.array([[1, 2]])                 # two voxels: csf, gm
+  probs = one_hot([[1, 3]])                    # csf right, gm predicted as wm
+  # Background: no voxel either way (J = 1); csf: J = 1; gm: J = 0; wm: J = 0.
+  term = joint.tissue_term(probs, labels, None, WEIGHTS, LESION)
+  assert float(term) == pytest.approx(2 / 8, abs=1e-4)
+  # The lesion channel is not part of the tissue term.
+  moved = probs.at[..., LESION].set(0.7)
+  assert float(joint.tissue_term(moved, labels, None, WEIGHTS, LESION)) == pytest.approx(float(term))
+
+
+def test_lesion_term_on_hand_made_input():
+  probs = jnp.zeros((1, 2, 5)).at[..., LESION].set(0.5).at[..., 0].set(0.5)
+  lesion = jnp.array([[True, False]])
+  # J = sum p t / sum (p + t - p t) = 0.5 / (1 + 0.5) = 1/3; weight 1/2.
+  term = joint.lesion_term(probs, lesion, None, WEIGHTS, LESION)
+  assert float(term) == pytest.approx(0.5 * (1 - 1 / 3), abs=1e-4)
+  # Only the lesion class is scored: how the rest is split among tissues does not matter.
+  other = probs.at[..., 0].set(0.0).at[..., 2].set(0.5)
+  assert float(joint.lesion_term(other, lesion, None, WEIGHTS, LESION)) == pytest.approx(float(term))
+  # Voxels outside `valid` never count.
+  valid = jnp.array([[True, False]])
+  assert float(joint.lesion_term(probs, lesion, valid, WEIGHTS, LESION)) == pytest.approx(
+      0.5 * (1 - 0.5), abs=1e-4)
+
+
+def test_terms_add_up_to_the_full_weighted_jaccard():
+  rng = np.random.default_rng(3)
+  probs = random_probs(rng, (2, 4, 4, 5))
+  labels = jnp.asarray(rng.integers(0, 5, (2, 4, 4)))
+  # L = L^t + L^l on a fully labelled input (lesion voxels are in no tissue class).
+  full = losses.probabilistic_jaccard(probs, one_hot(labels), None, WEIGHTS) * WEIGHTS.sum()
+  tissue = joint.tissue_term(probs, labels, None, WEIGHTS, LESION)
+  lesion = joint.lesion_term(probs, labels == LESION, None, WEIGHTS, LESION)
+  np.testing.assert_allclose(tissue + lesion, full, rtol=1e-5)
+  assert 0 < float(lesion) < float(full)
+
+
+def test_fuzzy_jaccard_equals_the_shared_loss_on_one_hot_targets():
+  rng = np.random.default_rng(4)
+  probs = random_probs(rng, (1, 3, 3, 3, 5))
+  target = one_hot(rng.integers(0, 5, (1, 3, 3, 3)))
+  ours = joint.fuzzy_jaccard_distance(probs, target, None, WEIGHTS)
+  shared = WEIGHTS.sum() * losses.probabilistic_jaccard(probs, target, None, WEIGHTS)
+  np.testing.assert_allclose(ours, shared, rtol=1e-5)
+
+
+def test_consistency_term_zero_when_equal_and_hand_made_value():
+  probs = random_probs(np.random.default_rng(6), (2, 4, 4, 5))
+  same = joint.consistency_term(probs, probs, None, WEIGHTS, LESION)
+  assert float(same) == pytest.approx(0.0, abs=1e-6)
+  # The shared product form is not zero on equal soft inputs: why the fuzzy form is used here.
+  assert float(losses.probabilistic_jaccard(probs, probs)) > 0.1
+  # One voxel: gm 0.5 vs 1.0 -> J = 0.5; wm 0.5 vs 0 -> J = 0; csf, background 0 vs 0 -> J = 1.
+  full = jnp.array([[[0.0, 0.0, 0.5, 0.5, 0.0]]])
+  t1 = jnp.array([[[0.0, 0.0, 1.0, 0.0, 0.0]]])
+  term = joint.consistency_term(full, t1, None, WEIGHTS, LESION)
+  assert float(term) == pytest.approx((0.5 + 1.0) / 8, abs=1e-4)
+  # The lesion channel is not part of it.
+  assert float(joint.consistency_term(full.at[..., LESION].set(0.9), t1, None, WEIGHTS, LESION)) \
+      == pytest.approx(float(term))
+
+
+def smoke_config(**changes):
+  config = joint_config.get_config("smoke")
+  config.model.update(features=(2, 3), dilations=(1, 2), head_features=3)
+  for key, value in changes.items():
+    *parents, name = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[name] = value
+  return config
+
+
+def hand_batch(same_flair=False):
+  rng = np.random.default_rng(0)
+  shape = (1, 6, 6, 6)
+  t1 = rng.normal(size=shape).astype(np.float32)
+  flair = t1 if same_flair else rng.normal(size=shape).astype(np.float32)
+  tissue = {"image": np.stack([t1, np.zeros_like(t1)], -1), "modality_mask": T1_ONLY,
+            "label": rng.integers(0, 4, shape).astype(np.int32), "valid": np.ones(shape, bool)}
+  lesion = {"image": np.stack([t1, flair], -1), "modality_mask": BOTH,
+            "label": (rng.uniform(size=shape) < 0.2).astype(np.int32), "valid": np.ones(shape, bool)}
+  return {"tissue": tissue, "lesion": lesion, "image": lesion["image"], "modality_mask": BOTH}
+
+
+@pytest.fixture(scope="module")
+def joint_loss():
+  config = smoke_config(**{"loss.consistency_start": 5, "loss.consistency_weight": 2.0})
+  method = get_method(config)
+  batch = hand_batch()
+  params = numpy_variables(method.model, batch["image"], batch["modality_mask"])["params"]
+  loss_fn = jax.jit(method.loss_fn)
+  return method, params, batch, loss_fn
+
+
+def test_consistency_skipped_before_the_start_step(joint_loss):
+  method, params, batch, loss_fn = joint_loss
+  key = jax.random.key(0)
+  before, (m_before, _) = loss_fn(params, {}, batch, key, jnp.int32(4))
+  after, (m_after, _) = loss_fn(params, {}, batch, key, jnp.int32(5))
+  assert float(m_before["consistency_loss"]) == 0.0 and float(m_before["consistency_active"]) == 0
+  assert float(before) == pytest.approx(float(m_before["tissue_loss"] + m_before["lesion_loss"]))
+  assert float(m_after["consistency_loss"]) > 0 and float(m_after["consistency_active"]) == 1
+  assert float(after) == pytest.approx(float(m_after["tissue_loss"] + m_after["lesion_loss"]
+                                             + 2.0 * m_after["consistency_loss"]), rel=1e-5)
+  assert float(m_after["tissue_loss"]) == pytest.approx(float(m_before["tissue_loss"]))
+
+
+def test_consistency_zero_when_flair_adds_nothing(joint_loss):
+  method, params, batch, loss_fn = joint_loss
+  # Identical branches and FLAIR == T1: h(T1, FLAIR) == h(T1), so R^t_1 = 0 even when active.
+  same = dict(params, modality_stage=jax.tree.map(lambda p: jnp.stack([p[0], p[0]]),
+                                                  params["modality_stage"]))
+  _, (metrics, _) = loss_fn(same, {}, hand_batch(same_flair=True), jax.random.key(0), jnp.int32(9))
+  assert float(metrics["consistency_active"]) == 1
+  assert float(metrics["consistency_loss"]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_task_specific_losses_use_their_term_only():
+  batch = hand_batch()
+  for variant, term in (("tissue_only", "tissue_loss"), ("lesion_only", "lesion_loss")):
+    method = get_method(smoke_config(variant=variant))
+    params = numpy_variables(method.model, batch["image"], batch["modality_mask"])["params"]
+    loss, (metrics, _) = jax.jit(method.loss_fn)(params, {}, batch, jax.random.key(0),
+                                                 jnp.int32(10))
+    assert set(k for k in metrics if k.endswith("_loss")) == {term}
+    assert float(loss) == pytest.approx(float(metrics[term]))
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"variant": "both"}, "config.variant"),
+    ({"task": "wmh"}, "config.task"),
+    ({"model.norm": "batch"}, "config.model.norm"),
+    ({"model.modality_stages": 3}, "config.model.modality_stages"),
+    ({"loss.consistency_weight": -1.0}, "config.loss.consistency_weight"),
+    ({"data.tissue_set.modalities": ("t2",)}, "config.data.tissue_set.modalities"),
+])
+def test_bad_config_is_one_clear_error(change, needle):
+  with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
+    get_method(smoke_config(**change))
+
+
+def test_presets_build():
+  for preset in ("paper", "demo", "smoke"):
+    config = joint_config.get_config(preset)
+    assert config.task == "tissue" and config.data.phantom_lesions
+    assert get_method(config).name == "joint"
+  assert joint_config.get_config("paper").optimizer.learning_rate == 5e-3
+  assert joint_config.get_config("paper").loss.consistency_start == 5000
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and a smoke run (phantoms generated once into a temporary cache)
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  from hemijax.training import loop
+  cache = tmp_path_factory.mktemp("cache")
+  # Three subjects per set (one training case each); one window per validation volume.
+  config = smoke_config(**{
+      "data.cache_dir": str(cache), "data.phantom_subjects": 3, "data.tissue_set.subjects": 3,
+      "data.lesion_set.subjects": 3, "eval.roi_size": (64, 64, 64), "train.num_steps": 3,
+      "train.eval_every": 3, "loss.consistency_start": 1})
+  workdir = tmp_path_factory.mktemp("runs") / "joint"
+  last = loop.train(config, workdir, progress=False)
+  return config, workdir, last
+
+
+def test_batches_come_from_the_two_task_specific_sets(smoke_run):
+  config, _, _ = smoke_run
+  make_batch = joint.make_batches(config, None)
+  batch = make_batch(7)
+  assert batch["tissue"]["modality_mask"].tolist() == [[True, False]] * config.data.batch_size
+  assert batch["lesion"]["modality_mask"].tolist() == [[True, True]] * config.data.batch_size
+  assert np.all(batch["tissue"]["image"][..., 1] == 0)
+  assert set(np.unique(batch["tissue"]["label"])) <= {0, 1, 2, 3}
+  # Lesion patches are centred in the dilated lesion map: every one holds lesion voxels.
+  lesion = batch["lesion"]["label"]
+  assert set(np.unique(lesion)) <= {0, 1}
+  assert all(lesion[b].any() for b in range(len(lesion)))
+  again = make_batch(7)
+  other = make_batch(8)
+  for which in ("tissue", "lesion"):
+    np.testing.assert_array_equal(batch[which]["image"], again[which]["image"])
+  assert not np.array_equal(batch["lesion"]["image"], other["lesion"]["image"])
+
+
+def test_training_sets_and_the_evaluation_set_differ(smoke_run):
+  from hemijax.data import datasets
+  config, _, _ = smoke_run
+  evaluation = datasets.load_split(config, "val")
+  assert any((v.label == LESION).any() for v in evaluation)  # fully annotated: lesions and tissues
+  assert all(v.available.tolist() == [True, True] for v in evaluation)
+  roots = {datasets.dataset_root(config)} | {
+      datasets.dataset_root(joint.set_config(config, w)) for w in joint.SETS}
+  assert len(roots) == 3
+
+
+def test_smoke_training_logs_every_term(smoke_run):
+  _, workdir, last = smoke_run
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train = [r for r in records if r["split"] == "train"]
+  assert [r["step"] for r in train] == [1, 2, 3]
+  assert [r["consistency_active"] for r in train] == [0.0, 1.0, 1.0]
+  assert train[0]["consistency_loss"] == 0.0 and train[-1]["consistency_loss"] > 0
+  assert all(np.isfinite(r["loss"]) for r in train)
+  val = [r for r in records if r["split"] == "val"]
+  assert val and 0.0 <= val[-1]["val_dice_all"] <= 1.0
+  assert (workdir / "checkpoints").is_dir() and last["step"] == 3

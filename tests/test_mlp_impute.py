@@ -1,0 +1,181 @@
+"""MLP imputation: pattern bookkeeping, one compilation for every subset, vmapped training equals
+training one pattern alone, and a smoke run whose second stage leaves the U-Net untouched."""
+import itertools
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import mlp_impute as mlp_config
+from hemijax.models import get_method
+from hemijax.models import mlp_impute as mi
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+M = 4
+# conv_impl "xla": the fastest to compile (the lowerings are compared in the layers tests).
+SMALL = dict(hidden=(6, 5), features=(4, 6), conv_impl="xla")
+
+
+def quick_init(model, *args, seed=0, **kwargs):
+  """`model.init`'s variables with NumPy-drawn weights: no jax.random programs to compile (slow on
+  CPU); batch statistics and scales/shifts start as flax's do."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name in ("mean",) or name.startswith("bias"):
+      return jnp.zeros(leaf.shape, leaf.dtype)
+    if name in ("var", "scale"):
+      return jnp.ones(leaf.shape, leaf.dtype)
+    std = np.sqrt(2.0 / np.prod(leaf.shape[-4:-1]))
+    return jnp.asarray(rng.normal(0.0, std, leaf.shape), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def jit_apply(model):
+  return jax.jit(model.apply, static_argnames=("train", "method", "mutable"))
+
+
+def all_masks(m):
+  subsets = [s for r in range(1, m + 1) for s in itertools.combinations(range(m), r)]
+  masks = np.zeros((len(subsets), m), bool)
+  for i, s in enumerate(subsets):
+    masks[i, list(s)] = True
+  return masks
+
+
+@pytest.fixture(scope="module")
+def model_and_variables():
+  model = mi.MLPImputeUNet(num_modalities=M, num_classes=3, **SMALL)
+  image = jax.random.normal(jax.random.key(0), (2, 8, 8, M))
+  variables = quick_init(model, image, jnp.ones((2, M), bool))
+  return model, variables, image
+
+
+def test_patterns_cover_every_proper_subset():
+  masks = mi.pattern_masks(M)
+  assert masks.shape == (14, M)
+  assert len({tuple(r) for r in masks}) == 14
+  assert masks.any(1).all() and not masks.all(1).any()
+  np.testing.assert_array_equal(mi.pattern_index(jnp.asarray(masks)), np.arange(14))
+
+
+def test_one_compilation_serves_every_subset(model_and_variables):
+  model, variables, image = model_and_variables
+  traces = []
+
+  @jax.jit
+  def forward(variables, image, mask):
+    traces.append(1)
+    return model.apply(variables, image, mask)
+
+  for mask in all_masks(M):
+    out = forward(variables, image, jnp.asarray(np.broadcast_to(mask, (2, M))))
+    assert np.all(np.isfinite(out))
+  assert len(traces) == 1
+
+
+def test_imputation_uses_the_pattern_mlp_and_keeps_present_channels(model_and_variables):
+  model, variables, image = model_and_variables
+  mask = jnp.array([[True, False, True, False], [False, True, True, True]])
+  noisy = jnp.where(mask[:, None, None, :], image, 1e6)  # absent slots must not matter
+  imputed = jax.jit(lambda v, x, k: model.apply(v, x, k, method=lambda m, x, k: m.imputer(x, k)))(
+      variables, noisy, mask)
+  layer_params = mi.stacked_layers(variables["params"]["imputer"])
+  for b in range(2):
+    index = int(mi.pattern_index(mask[b:b + 1])[0])
+    own = [(w[index], c[index]) for w, c in layer_params]
+    expected = mi.mlp_apply(own, jnp.where(mask[b], image[b], 0))
+    np.testing.assert_allclose(imputed[b], jnp.where(mask[b], image[b], expected), rtol=1e-5,
+                               atol=1e-5)
+  # The full set is never imputed: the U-Net sees the image as it is.
+  full = jnp.ones((2, M), bool)
+  apply = jit_apply(model)
+  np.testing.assert_allclose(apply(variables, image, full),
+                             apply(variables, image, train=False, method="segment_full"),
+                             rtol=1e-6)
+
+
+def test_3d_shape():
+  model = mi.MLPImputeUNet(num_modalities=3, num_classes=2, **SMALL)
+  image = jnp.ones((1, 4, 4, 4, 3))
+  mask = jnp.array([[True, False, True]])
+  variables = quick_init(model, image, mask)
+  assert jit_apply(model)(variables, image, mask).shape == (1, 4, 4, 4, 2)
+
+
+def test_vmapped_training_equals_training_one_pattern_alone():
+  model = mi.PatternMLPs(num_modalities=3, hidden=(7, 5))
+  initial = quick_init(model, jnp.ones((1, 2, 2, 3)), jnp.ones((1, 3), bool))["params"]
+  params = initial
+  voxels = jax.random.normal(jax.random.key(1), (64, 3))
+  available = jnp.ones((64, 3), bool).at[:5, 2].set(False)
+  opt = optax.adam(1e-2)
+  pattern = 4   # code 5 = modalities 0 and 2 available
+  pattern_mask = jnp.asarray(mi.pattern_masks(3)[pattern])
+
+  @jax.jit
+  def step_all(params, opt_state):
+    (loss, (metrics, _)), grads = jax.value_and_grad(mi.imputation_loss, has_aux=True)(
+        {"imputer": params}, {}, {"voxels": voxels, "available": available}, None, 0)
+    updates, opt_state = opt.update(grads["imputer"], opt_state)
+    per_pattern = mi.pattern_losses(params, voxels, available)
+    return optax.apply_updates(params, updates), opt_state, per_pattern
+
+  @jax.jit
+  def step_one(layers, opt_state):
+    loss, grads = jax.value_and_grad(mi.pattern_loss)(layers, pattern_mask, voxels, available)
+    updates, opt_state = opt.update(grads, opt_state)
+    return optax.apply_updates(layers, updates), opt_state, loss
+
+  alone = [(w[pattern], b[pattern]) for w, b in mi.stacked_layers(params)]
+  state_all, state_one = opt.init(params), opt.init(alone)
+  for _ in range(5):
+    params, state_all, per_pattern = step_all(params, state_all)
+    alone, state_one, loss = step_one(alone, state_one)
+    np.testing.assert_allclose(per_pattern[pattern], loss, rtol=1e-5)
+  assert per_pattern[pattern] < mi.pattern_losses(initial, voxels, available)[pattern]  # trained
+  for (w, b), (w1, b1) in zip(mi.stacked_layers(params), alone):
+    np.testing.assert_allclose(w[pattern], w1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b[pattern], b1, rtol=1e-5, atol=1e-6)
+
+
+def test_config_errors():
+  with pytest.raises(ValueError, match="unknown preset"):
+    mlp_config.get_config("demo_dropout")
+  config = mlp_config.get_config("smoke")
+  config.impute.hidden = ()
+  with pytest.raises(ValueError, match="config.impute.hidden"):
+    get_method(config)
+
+
+def test_smoke_training_runs_both_stages_and_freezes_the_unet(tmp_path):
+  from hemijax.predictor import load_run
+  from hemijax.training import loop
+
+  config = mlp_config.get_config("smoke")
+  config.data.cache_dir = str(ROOT / ".cache" / "hemijax")
+  config.train.num_steps = 2
+  config.impute.num_steps = 2
+  config.train.keep_checkpoints = 4
+  loop.train(config, tmp_path, progress=False)
+  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["stage"]) for r in records if r["split"] == "train"] == [
+      (1, "segmentation"), (2, "segmentation"), (3, "imputation"), (4, "imputation")]
+  assert [r["step"] for r in records if r["split"] == "val"] == [4]
+  _, _, after_unet = load_run(tmp_path, step=2)
+  _, _, after_mlps = load_run(tmp_path, step=4)
+  for a, b in zip(jax.tree.leaves(after_unet["params"]["segmenter"]),
+                  jax.tree.leaves(after_mlps["params"]["segmenter"])):
+    np.testing.assert_array_equal(a, b)
+  jax.tree.map(np.testing.assert_array_equal, after_unet["batch_stats"],
+               after_mlps["batch_stats"])
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(after_unet["params"]["imputer"]),
+      jax.tree.leaves(after_mlps["params"]["imputer"])))

@@ -1,0 +1,361 @@
+"""PIMMS: mapping math, permutation invariance, padding scans, one compilation for any N, stages,
+training (frozen classifier, online λ(i)) and prediction from unnamed scans."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import pimms as pimms_config
+from hemijax import inference, unlabeled
+from hemijax.data import preprocess
+from hemijax.data.tasks import get_task
+from hemijax.models import pimms
+from hemijax.models.hemis import HeMIS
+from hemijax.training import loop
+from hemijax.training import step as step_lib
+
+VARIANTS = pimms.VARIANTS
+M = 3  # wmh: t1, t2, flair
+
+
+def smoke_config(variant):
+  return pimms_config.get_config(f"smoke_{variant}")
+
+
+def init_variables(method, seed=0):
+  """Random parameters of the model's shapes, drawn with NumPy (He-like scale): the properties
+  tested hold for any parameters, and this skips compiling the initialisers (slow on CPU)."""
+  shapes = jax.eval_shape(lambda key: method.init(key, jnp.zeros((1, 12, 12, M)),
+                                                  jnp.ones((1, M), bool)), jax.random.key(0))
+  rng = np.random.default_rng(seed)
+  fan_in = lambda shape: int(np.prod(shape[:-1])) if len(shape) > 1 else 100
+  return jax.tree.map(lambda s: jnp.asarray(
+      rng.normal(0, np.sqrt(2 / fan_in(s.shape)), s.shape), s.dtype), shapes)
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def built(request):
+  """(variant, method, variables, jitted apply) at smoke size, random initial parameters."""
+  method = pimms.build(smoke_config(request.param))
+  variables = init_variables(method)
+  return request.param, method, variables, jax.jit(functools.partial(apply, method))
+
+
+def random_scans(key, batch=2, size=12, n=4):
+  image = jax.random.normal(key, (batch, size, size, n))
+  # Scans with different contrast statistics, so the classifier's outputs differ between them.
+  return image * jnp.arange(1, n + 1) + jnp.arange(n) * 0.5
+
+
+def scan_labels(batch, n):
+  return jnp.broadcast_to(jnp.arange(n) % M, (batch, n))
+
+
+def apply(method, variables, image, mask, labels=None):
+  kwargs = {"scan_modality": labels} if method.model.variant == "hemis" else {}
+  return method.model.apply(variables, image, mask, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mapping math
+
+
+def test_soft_and_hard_mapping_on_hand_made_s():
+  # S_mn for 3 scans (rows of `probs` are scans n, columns modalities m); scan 2 is padding.
+  probs = jnp.array([[[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.2, 0.5, 0.3]]])
+  scan_mask = jnp.array([[True, True, False]])
+  x = jnp.array([1.0, 10.0, 100.0]).reshape(1, 1, 1, 3)       # one voxel, scan values 1, 10, 100
+  soft = pimms.map_to_slots(x, pimms.scan_assignment(probs, scan_mask, hard=False))
+  np.testing.assert_allclose(soft[0, 0, 0], [0.7 * 1 + 0.1 * 10, 0.2 * 1 + 0.3 * 10,
+                                             0.1 * 1 + 0.6 * 10], rtol=1e-6)
+  hard = pimms.map_to_slots(x, pimms.scan_assignment(probs, scan_mask, hard=True))
+  np.testing.assert_array_equal(hard[0, 0, 0], [1.0, 0.0, 10.0])
+  # Slot 1 is the argmax of the padding scan only: unavailable.
+  np.testing.assert_array_equal(pimms.slot_availability(probs, scan_mask), [[True, False, True]])
+
+
+def test_hard_mapping_sums_scans_of_the_same_modality():
+  probs = jnp.array([[[0.1, 0.8, 0.1], [0.2, 0.7, 0.1]]])
+  x = jnp.array([2.0, 3.0]).reshape(1, 1, 2)
+  assignment = pimms.scan_assignment(probs, jnp.array([[True, True]]), hard=True)
+  np.testing.assert_array_equal(pimms.map_to_slots(x, assignment)[0, 0], [0.0, 5.0, 0.0])
+  np.testing.assert_array_equal(pimms.slot_availability(probs, jnp.array([[True, True]])),
+                                [[False, True, False]])
+
+
+def test_shuffle_into_scans_moves_slots_exactly():
+  image = jax.random.normal(jax.random.key(0), (4, 5, 5, M))
+  kept = jnp.array([[True, False, True]] * 4)
+  shuffle = jax.jit(pimms.shuffle_into_scans)
+  scans, scan_mask, perm = shuffle(image, kept, jax.random.key(1))
+  for b in range(4):
+    assert sorted(np.asarray(perm[b]).tolist()) == list(range(M))
+    np.testing.assert_array_equal(scans[b], image[b][..., perm[b]])
+    np.testing.assert_array_equal(scan_mask[b], kept[b][perm[b]])
+  assert len({tuple(np.asarray(p)) for p in perm}) > 1  # per-example permutations
+  again = shuffle(image, kept, jax.random.key(1))[2]
+  np.testing.assert_array_equal(perm, again)
+
+
+def test_pad_scans_raises_past_the_maximum():
+  image, mask = pimms.pad_scans(np.ones((2, 4, 4, 2), np.float32), np.ones((2, 2), bool), 4)
+  assert image.shape == (2, 4, 4, 4) and mask.tolist() == [[True, True, False, False]] * 2
+  with pytest.raises(ValueError, match="max_scans"):
+    pimms.pad_scans(np.ones((1, 4, 4, 5)), np.ones((1, 5), bool), 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Invariances
+
+
+def test_permuting_scans_changes_nothing_but_rounding(built):
+  variant, method, variables, forward = built
+  image = random_scans(jax.random.key(1))
+  mask = jnp.array([[True, True, True, False], [True, False, True, True]])
+  labels = scan_labels(2, 4)
+  out = forward(variables, image, mask, labels)
+  for seed in range(3):
+    perm = np.random.default_rng(seed).permutation(4)
+    permuted = forward(variables, image[..., perm], mask[:, perm], labels[:, perm])
+    np.testing.assert_allclose(permuted, out, rtol=1e-5, atol=1e-5)
+  # Not vacuous: the scans do matter.
+  dropped = forward(variables, image, mask.at[:, 0].set(False), labels)
+  assert np.max(np.abs(dropped - out)) > 1e-4
+
+
+def test_masked_padding_scan_changes_nothing(built):
+  variant, method, variables, forward = built
+  image = random_scans(jax.random.key(2))
+  mask = jnp.array([[True, True, True, True], [True, False, True, True]])
+  labels = scan_labels(2, 4)
+  garbage = jnp.full(image.shape, jnp.nan)
+  out = forward(variables, image[..., :3], mask[:, :3], labels[:, :3])
+  # The 4th scan is padding: masked, full of NaN.
+  padded = forward(variables, jnp.concatenate([image[..., :3], garbage[..., 3:]], -1),
+                   mask.at[:, 3].set(False), labels)
+  np.testing.assert_allclose(padded, out, rtol=1e-6, atol=1e-6)
+
+
+def test_one_jitted_function_for_any_number_of_scans():
+  method = pimms.build(smoke_config("soft"))
+  max_scans = smoke_config("soft").model.max_scans
+  variables = init_variables(method)
+  traces = []
+
+  @jax.jit
+  def forward(variables, image, mask):
+    traces.append(1)
+    return method.apply(variables, image, mask)
+
+  image = random_scans(jax.random.key(3), batch=1, n=max_scans)
+  outputs = []
+  for n in range(1, max_scans + 1):
+    padded, mask = pimms.pad_scans(image[..., :n], jnp.ones((1, n), bool), max_scans)
+    assert padded.shape[-1] == max_scans
+    outputs.append(forward(variables, padded, mask))
+  assert len(traces) == 1
+  # Each N is really a different input (padding scans are ignored, not the real ones).
+  assert all(np.max(np.abs(a - b)) > 1e-6 for a, b in zip(outputs, outputs[1:]))
+
+
+def test_hemis_variant_reads_scans_in_slot_order_without_labels():
+  """Without labels the hemis variant reads scan n as modality n (evaluation's slot order) and
+  is the HeMIS segmenter on the slots; with labels it follows them (see the permutation test)."""
+  method = pimms.build(smoke_config("hemis"))
+  variables = init_variables(method)
+  assert "modality_classifier" not in variables["params"]
+  image = random_scans(jax.random.key(4), n=M)
+  mask = jnp.array([[True, False, True], [False, True, True]])
+  m = smoke_config("hemis").model
+  segmenter = HeMIS(num_modalities=M, num_classes=2, backend_features=m.backend_features,
+                    backend_kernel=m.backend_kernel, frontend_features=m.frontend_features,
+                    frontend_kernel=m.frontend_kernel, final_kernel=m.final_kernel)
+  hemis = jax.jit(segmenter.apply)({"params": variables["params"]["segmenter"]}, image, mask)
+  np.testing.assert_allclose(jax.jit(method.apply)(variables, image, mask), hemis, rtol=1e-5,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="scan_modality"):
+    method.apply(variables, image[..., :2], mask[:, :2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs, stages and training
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_presets_select_the_variant_and_stages(variant):
+  config = smoke_config(variant)
+  assert config.model.variant == variant and config.preset == "smoke"
+  method = pimms.build(config)
+  stages = method.training_stages(config)
+  if variant in ("soft", "hard"):
+    assert [s.name for s in stages] == ["classifier", "segmentation"]
+    assert stages[0].trainable == (pimms.CLASSIFIER,) and stages[1].trainable == (pimms.SEGMENTER,)
+    assert stages[0].num_steps == config.classifier.num_steps
+  else:
+    assert len(stages) == 1 and stages[0].trainable is None
+
+
+def test_config_errors_name_the_option():
+  assert pimms_config.get_config("paper").model.variant == "soft"
+  assert sum(pimms_config.get_config("paper").model.classifier_blocks) * 2 + 2 == 36
+  with pytest.raises(ValueError, match="variant"):
+    pimms_config.get_config("demo_median")
+  config = smoke_config("soft")
+  config.model.variant = "median"
+  with pytest.raises(ValueError, match="config.model.variant"):
+    pimms.build(config)
+
+
+def synthetic_batch(seed, batch=2, size=16):
+  """A batch in the slot order of the config: a bright blob (label 1) seen differently per slot."""
+  rng = np.random.default_rng(seed)
+  label = np.zeros((batch, size, size), np.int32)
+  label[:, 5:9, 6:10] = 1
+  contrast = np.array([-1.0, 1.5, 2.5])  # t1 dark, t2 and flair bright lesion
+  image = rng.normal(0, 0.3, (batch, size, size, M)).astype(np.float32)
+  image += label[..., None] * contrast + np.arange(M) * 0.3
+  return {"image": image, "modality_mask": np.ones((batch, M), bool), "label": label,
+          "valid": np.ones((batch, size, size), bool)}
+
+
+def run_stages(method, config, steps_per_stage):
+  """Runs every stage for a few steps on synthetic batches -> initial parameters, then the
+  parameters and metrics after each stage."""
+  stages = method.training_stages(config)
+  state, snapshots = None, []
+  for stage in stages:
+    optimizer = loop.stage_optimizer(stage)
+    if state is None:
+      params = init_variables(method, config.seed)["params"]
+      state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": {}}
+      initial = jax.device_get(params)
+    state = dict(state, opt_state=optimizer.init(state["params"]))
+    train_step = jax.jit(step_lib.make_train_step(stage.loss_fn, optimizer, config.seed))
+    metrics = []
+    for _ in range(steps_per_stage):
+      state, m = train_step(state, synthetic_batch(int(state["step"])))
+      metrics.append(jax.device_get(m))
+    snapshots.append((jax.device_get(state["params"]), metrics))
+  return initial, snapshots
+
+
+def test_offline_training_freezes_the_classifier_in_the_segmentation_stage():
+  config = smoke_config("hard")
+  config.optimizer.learning_rate = 1e-2
+  config.classifier.optimizer.learning_rate = 1e-2
+  method = pimms.build(config)
+  init, [(after_classifier, class_metrics), (after_segmentation, seg_metrics)] = run_stages(
+      method, config, 4)
+  changed = lambda a, b: any(not np.array_equal(x, y) for x, y in
+                             zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert changed(init[pimms.CLASSIFIER], after_classifier[pimms.CLASSIFIER])
+  assert not changed(init[pimms.SEGMENTER], after_classifier[pimms.SEGMENTER])
+  assert not changed(after_classifier[pimms.CLASSIFIER], after_segmentation[pimms.CLASSIFIER])
+  assert changed(after_classifier[pimms.SEGMENTER], after_segmentation[pimms.SEGMENTER])
+  assert all(bool(m["finite"]) for m in class_metrics + seg_metrics)
+  assert class_metrics[-1]["loss"] < class_metrics[0]["loss"]
+
+
+def test_online_loss_is_segmentation_plus_decaying_classifier_term_and_deterministic():
+  config = smoke_config("online")
+  config.loss.class_weight_decay = 0.5
+  method = pimms.build(config)
+  batch = synthetic_batch(0)
+  params = init_variables(method)["params"]
+  loss_and_grad = jax.jit(jax.value_and_grad(method.loss_fn, has_aux=True))
+  for step in (0, 3):
+    (loss, (metrics, _)), grads = loss_and_grad(params, {}, batch, jax.random.key(5), step)
+    np.testing.assert_allclose(metrics["class_loss_weight"], np.exp(-0.5 * step), rtol=1e-6)
+    np.testing.assert_allclose(
+        loss, metrics["segmentation_loss"] + np.exp(-0.5 * step) * metrics["classifier_loss"],
+        rtol=1e-6)
+    # Both parts train: the classifier from L_class and (soft mapping) from L_seg.
+    for part in (pimms.CLASSIFIER, pimms.SEGMENTER):
+      assert any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(grads[part]))
+  # Same key, same numbers; another key draws other dropouts and scan orders.
+  (again, _), _ = loss_and_grad(params, {}, batch, jax.random.key(5), 3)
+  assert float(again) == float(loss)
+  (other, _), _ = loss_and_grad(params, {}, batch, jax.random.key(6), 3)
+  assert float(other) != float(loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unnamed scans
+
+
+def synthetic_scans(seed=0, shape=(18, 20, 6)):
+  """Three 3D 'scans' of one sphere brain with different contrasts, zero outside it."""
+  rng = np.random.default_rng(seed)
+  grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+  brain = np.sum(grid**2, axis=0) < 0.8
+  scans = []
+  for k in range(M):
+    scan = (100 + 40 * k + 30 * grid[k % 2] * (-1)**k + rng.normal(0, 5, shape)) * brain
+    scans.append(scan.astype(np.float32))
+  return scans
+
+
+class FakePredictor:
+  """What `hemijax.predictor.Predictor` offers to `unlabeled`, without a checkpoint."""
+
+  def __init__(self, **fields):
+    self.__dict__.update(fields)
+
+
+@pytest.fixture(scope="module")
+def predictor():
+  config = smoke_config("soft")
+  method = pimms.build(config)
+  variables = init_variables(method)
+  return FakePredictor(config=config, method=method, variables=variables,
+                       task=get_task(config.task))
+
+
+def test_unnamed_scans_give_the_named_result_in_any_order(predictor):
+  scans = synthetic_scans()
+  labels, probs = unlabeled.predict_unlabeled(predictor, scans, return_probabilities=True)
+  assert labels.shape == scans[0].shape and probs.shape == scans[0].shape + (2,)
+  order = [2, 0, 1]
+  shuffled = unlabeled.predict_unlabeled(predictor, [scans[i] for i in order],
+                                         return_probabilities=True)[1]
+  np.testing.assert_allclose(shuffled, probs, rtol=1e-5, atol=1e-5)
+  # The named path (slots in config order, no padding scans) gives the same probabilities.
+  names = predictor.config.modalities
+  volume = preprocess.preprocess_raw(preprocess.raw_case_from_arrays(dict(zip(names, scans)),
+                                                                     np.eye(4)),
+                                     "x", names, (0, 1))
+  named = inference.predict_probabilities(predictor.method, predictor.variables, volume.image,
+                                          volume.available[None])[0]
+  padded = preprocess.to_original_grid(volume.transform, named, order=1)
+  np.testing.assert_allclose(probs, padded, rtol=1e-5, atol=1e-5)
+
+
+def test_unnamed_scan_errors_are_clear(predictor):
+  with pytest.raises(ValueError, match="at most 4"):
+    unlabeled.predict_unlabeled(predictor, synthetic_scans() + synthetic_scans()[:2])
+  with pytest.raises(ValueError, match="at least one scan"):
+    unlabeled.predict_unlabeled(predictor, [])
+  hemis = FakePredictor(config=smoke_config("hemis"))
+  with pytest.raises(ValueError, match="hemis"):
+    unlabeled.predict_unlabeled(hemis, synthetic_scans())
+
+
+def test_classifier_report_counts_brain_slices(predictor):
+  scans = synthetic_scans()
+  names = predictor.config.modalities
+  volume = preprocess.preprocess_raw(preprocess.raw_case_from_arrays(
+      {names[0]: scans[0], names[2]: scans[2]}, np.eye(4)), "x", names, (0, 1))
+  report = unlabeled.classifier_report(predictor.method, predictor.variables, [volume])
+  brain_slices = int(np.sum(volume.brain.any(axis=(0, 1))))
+  assert report["windows"] == 2 * brain_slices and report["scans"] == 2
+  # The same numbers, slice by slice through the model's own classifier.
+  hits = 0
+  for z in np.flatnonzero(volume.brain.any(axis=(0, 1))):
+    scans = volume.image[None, :, :, z][..., [0, 2]]
+    logits = predictor.method.model.apply(predictor.variables, scans, method="classify")
+    hits += int(np.sum(np.argmax(logits[0], -1) == np.array([0, 2])))
+  assert report["window_accuracy"] == pytest.approx(hits / report["windows"])
+  assert np.sum(report["confusion"]) == report["windows"]
+  assert np.sum(np.asarray(report["confusion"])[1]) == 0  # t2 was absent
