@@ -32,8 +32,9 @@ def main():
                                split=args.split, subsets=args.subsets, out=args.out,
                                compare=args.compare, step=args.step)
     print(evaluation.summary_markdown(summary, title=f"{summary['method']}: Dice by subset"))
-    if "comparison" in summary:
-      print(open(summary["comparison"]).read())
+    for extra in ("synthesis", "comparison"):
+      if extra in summary:
+        print(open(summary[extra]).read())
 
   cli.run(run)
 

@@ -3,6 +3,8 @@ r"""Segments NIfTI volumes with a trained workdir, from any subset of its modali
   python predict.py --workdir runs/hemis --input flair=a.nii.gz --input t1=b.nii.gz \
       --output seg.nii.gz [--probabilities probs.nii.gz]
   python predict.py --workdir runs/hemis --data DIR [--layout auto] --out OUTDIR
+  python predict.py --workdir runs/pimms --input a.nii.gz --input b.nii.gz --output seg.nii.gz
+      (PIMMS workdirs: unnamed scans; the modality classifier assigns them)
 
 The output has the input's shape and affine and the dataset's own label values; files are written
 to a temporary name and renamed, so an interrupted run never leaves a half-written file.
@@ -49,8 +51,21 @@ def main():
     else:
       if not args.input or not args.output:
         raise ValueError("give --input MODALITY=PATH (one or more) and --output, or --data and --out")
-      predict_files(args.workdir, parse_inputs(args.input), args.output,
-                    probabilities=args.probabilities, step=args.step)
+      named = ["=" in value for value in args.input]
+      if any(named) and not all(named):
+        raise ValueError("--input: give every input as MODALITY=PATH, or none (PIMMS workdirs)")
+      if all(named):
+        predict_files(args.workdir, parse_inputs(args.input), args.output,
+                      probabilities=args.probabilities, step=args.step)
+      else:
+        from hemijax import unlabeled
+        from hemijax.predictor import Predictor
+        predictor = Predictor(args.workdir, args.step)
+        unlabeled.check_unlabeled_config(predictor.config)
+        assigned = unlabeled.predict_unlabeled_files(predictor, args.input, args.output,
+                                                     probabilities=args.probabilities)
+        for path, modality, prob in assigned:
+          print(f"{path}: classified as {modality} (p={prob:.2f})")
       print(f"wrote {args.output}")
 
   cli.run(run)

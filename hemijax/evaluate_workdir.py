@@ -84,6 +84,13 @@ def evaluate_workdir(workdir, *, data=None, layout="auto", split="test", subsets
     evaluation.plot_overlays(out / f"overlay_{vol.case_id}.png", vol.image, to_values(vol.label),
                              {k: to_values(v) for k, v in preds.items()}, modalities,
                              label_values=task.label_values, class_names=task.class_names)
+  if hasattr(predictor.method.model, "synthesize"):  # URN: the synthesis table too
+    from hemijax import synthesis
+    synthesis_rows = synthesis.synthesis_psnr(predictor, volumes, modalities, progress=progress)
+    if synthesis_rows:
+      synthesis.write_synthesis_report(out, synthesis_rows, modalities,
+                                       title=f"{config.method}: synthesis PSNR ({split or 'all'})")
+      summary["synthesis"] = str(out / "synthesis.md")
   if compare:
     methods_rows = [(f"{config.method} ({workdir.name})", rows)]
     for other in compare:

@@ -94,8 +94,16 @@ class Predictor:
     out[..., 0] += 1.0 - out.sum(-1).clip(0, 1)
     return out.astype(np.float32)
 
-  def predict(self, images: Mapping[str, np.ndarray], affine=None, return_probabilities=False):
-    """Label map (dataset label values) in the input grid from a {modality: 3D array} mapping."""
+  def predict(self, images, affine=None, return_probabilities=False):
+    """Label map (dataset label values) in the input grid from a {modality: 3D array} mapping.
+
+    PIMMS workdirs also take a list of unnamed 3D scans; their classifier assigns the modalities.
+    """
+    if isinstance(images, (list, tuple)):
+      from hemijax import unlabeled
+      unlabeled.check_unlabeled_config(self.config)
+      return unlabeled.predict_unlabeled(self, images, affine,
+                                         return_probabilities=return_probabilities)
     volume = self.preprocess(images, affine)
     classes, probs = self.predict_volume(volume, return_probabilities=True)
     labels = preprocess.class_ids_to_label_values(
