@@ -20,7 +20,7 @@ from hemijax import inference
 from hemijax.data import preprocess
 from hemijax.data.tasks import check_modalities, get_task
 from hemijax.models import get_method
-from hemijax.training import checkpoints, optim
+from hemijax.training import checkpoints
 from hemijax.training import step as step_lib
 
 
@@ -44,7 +44,14 @@ def load_run(workdir, step="best"):
   patch = tuple(config.data.patch_size)
   dummy = {"image": jnp.zeros((1,) + patch + (m,), jnp.float32),
            "modality_mask": jnp.ones((1, m), bool)}
-  optimizer = optim.make_optimizer(config.optimizer, config.train.num_steps)
+  # The checkpoint holds the optimiser state of the stage it was written in (as the loop resumes).
+  from hemijax.training import loop  # late: loop imports the model registry
+  stages = method.training_stages(config)
+  bounds = loop.stage_bounds(stages)
+  s = int(step)
+  saved = next((i for i, (b, e) in enumerate(bounds) if s <= e and (s > b or i == 0)),
+               len(stages) - 1)
+  optimizer = loop.stage_optimizer(stages[saved])
   abstract = jax.eval_shape(
       lambda b: step_lib.init_state(method, optimizer, jax.random.key(0), b), dummy)
   try:
