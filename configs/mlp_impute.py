@@ -22,7 +22,7 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   config.dropout = ml_collections.ConfigDict(dict(name="none"))  # the U-Net sees full data
   config.impute = ml_collections.ConfigDict(dict(
       hidden=(100, 100),
-      num_steps=5000,
+      num_steps=5000,   # ours, not the paper's
       voxels_per_step=2048,
       optimizer=dict(name="adam", learning_rate=1e-3, weight_decay=0.0, schedule="constant",
                      warmup_steps=0),

@@ -60,7 +60,7 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   config.data.batch_size = 4
   config.data.sampling = "balanced"     # class-balanced patch centres, first half of training
   config.data.balanced_fraction = 0.5
-  config.train.num_steps = 20000
+  config.train.num_steps = 20000   # step counts and level widths: ours, not the papers'
 
   if base == "demo":
     config.data.patch_size = (64, 64)

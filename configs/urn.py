@@ -1,8 +1,8 @@
 r"""Unified representation network (URN) on the built-in tumour phantom, 2D slices.
 
   python train.py --config configs/urn.py --workdir runs/urn
-  python evaluate.py --workdir runs/urn
-  python -m hemijax.synthesis --workdir runs/urn      # PSNR of every synthesised modality
+  python evaluate.py --workdir runs/urn          # Dice by subset, and the synthesis PSNR table
+  python -m hemijax.synthesis --workdir runs/urn # the synthesis PSNR table alone
 
 One command runs both stages: pre-training by cross-modality synthesis (`pretrain.num_steps`,
 encoders + synthesis decoders, dropout theta = 0.8, pooled tumour + healthy T1/T2 phantoms), then
@@ -30,7 +30,7 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
                            representation_channels=16, synthesis_blocks=2, f_mean="identity"))
   config.dropout = unet_config.modality_dropout(0.5)                 # segmentation fine-tuning
   config.pretrain = ml_collections.ConfigDict(dict(
-      num_steps=20000,
+      num_steps=20000,   # ours, not the paper's
       batch_size=4,
       variance_weight=1e-4,   # of the voxel-wise variance across the encoders' outputs
       dropout=unet_config.modality_dropout(0.8, min_kept=2).to_dict(),

@@ -41,7 +41,11 @@ IMPLS = ("auto", "xla", "planes", "matmul")
 _BLOCK_ELEMENTS = 1 << 16
 # ... but at least this many output positions per step, so that per-step costs stay small.
 _MIN_BLOCK = 256
-_BARRIER_CONV = _BARRIER_DX = _BARRIER_POOL = False
+# 3D, stride 1: below this many (depth taps x input channels), fold the depth taps into the input
+# channels rather than the output channels (see `_planes_forward`).
+_FOLD_INPUT_CHANNELS = 48
+# Block loops are split into this many independent loops (see `_block_loop`).
+_LOOP_SPLIT = 2
 
 
 def _tuple(value, n):
@@ -159,8 +163,19 @@ def _planes_forward(x, kernel, strides, dilation, pads):
   depth, (lo, hi) = kernel.shape[0], pads[0]
   stride, rate = strides[0], dilation[0]
   b, d = x.shape[:2]
-  cout = kernel.shape[-1]
+  cin, cout = kernel.shape[-2:]
   d_out = (d + lo + hi - (depth - 1) * rate - 1) // stride + 1
+  if stride == 1 and cin < cout and cin * depth <= _FOLD_INPUT_CHANNELS:
+    # Few input channels (a first layer): stack the depth taps on the input channels instead, one
+    # 2D convolution with depth * Cin inputs. The copy is small and the product three times
+    # deeper; measured 2.7x faster for 1 -> 48 channels, 1.5x for 4 -> 16.
+    xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (lo, hi, 0)] + [(0, 0, 0)] * (x.ndim - 2))
+    planes = jnp.concatenate([xp[:, a * rate:a * rate + d_out] for a in range(depth)], axis=-1)
+    y = _conv2d(planes.reshape((b * d_out,) + planes.shape[2:]),
+                kernel.reshape((depth,) + kernel.shape[1:]).transpose(1, 2, 0, 3, 4)
+                .reshape(kernel.shape[1:3] + (depth * cin, cout)),
+                strides[1:], dilation[1:], pads[1:])
+    return y.reshape((b, d_out) + y.shape[1:])
   if stride == 1:
     # One 2D convolution over every input plane with the depth taps stacked on the output
     # channels (a wider, cheaper product than three narrow ones, and no copy of the input),
@@ -197,36 +212,66 @@ def _blocks(out_spatial, batch, channels):
   return tuple(block)
 
 
-def _block_loop(x, out_spatial, window, strides, dilation, pads, block, body, init):
-  """Runs `carry = body(views, starts, carry)` over blocks of output positions.
+def _unravel(index, shape):
+  """Row-major multi-index of a traced flat index."""
+  out = []
+  for n in reversed(shape):
+    out.append(index % n)
+    index = index // n
+  return out[::-1]
 
-  `views[t] (B * prod(block), Cin)` holds the input values kernel tap t reads for the block's
-  outputs; `starts` are the block's first output indices. Outputs past the end are computed on
-  zero padding; callers crop or ignore them.
+
+def _block_loop(x, out_spatial, window, strides, dilation, pads, block, body, init):
+  """Runs `carry = body(views_of, starts, carry)` over blocks of output positions.
+
+  `starts` are the block's first output indices. `views_of(lead)` takes a (traced) row-major index
+  over the taps of all kernel axes but the last and returns `views[t] (B * prod(block), Cin)`, the
+  input values that tap (lead, t) reads for the block's outputs. Bodies loop over `lead` (see
+  `_over_leads`) rather than unrolling every tap, which keeps the program and its compile time
+  small for large kernels while the block stays in cache. Outputs past the end are computed on
+  zero padding; callers crop or ignore them. Returns one carry per independent loop.
   """
   b, c = x.shape[0], x.shape[-1]
-  taps = list(itertools.product(*[range(k) for k in window]))
   counts = [-(-o // k) for o, k in zip(out_spatial, block)]
   span = [(k - 1) * s + (w - 1) * r + 1 for k, s, w, r in zip(block, strides, window, dilation)]
   # Pad the input so every block's window is in bounds (extra zeros feed cropped outputs only).
   padded = [n + lo + hi for n, (lo, hi) in zip(x.shape[1:-1], pads)]
   need = [(n - 1) * k * s + sp for n, k, s, sp in zip(counts, block, strides, span)]
   xp = _pad(x, [(lo, hi + max(0, nd - p)) for (lo, hi), nd, p in zip(pads, need, padded)])
+  extent = [(k - 1) * s + 1 for k, s in zip(block[:-1], strides[:-1])] + [span[-1]]
 
   def step(i, carry):
-    index, starts = i, []
-    for n in reversed(counts):
-      starts.append(index % n)
-      index = index // n
-    starts = [s * k for s, k in zip(reversed(starts), block)]
-    xs = lax.dynamic_slice(xp, (0, *[s * st for s, st in zip(starts, strides)], 0),
-                           (b, *span, c))
-    views = [xs[(slice(None),) + tuple(slice(t * r, t * r + (k - 1) * s + 1, s)
-                                       for t, r, k, s in zip(tap, dilation, block, strides))]
-             .reshape(-1, c) for tap in taps]
-    return body(views, starts, carry)
+    starts = [q * k for q, k in zip(_unravel(i, counts), block)]
+    xs = lax.dynamic_slice(xp, (0, *[q * s for q, s in zip(starts, strides)], 0), (b, *span, c))
 
-  return lax.fori_loop(0, math.prod(counts), step, init)
+    def views_of(lead):
+      origin = [t * r for t, r in zip(_unravel(lead, window[:-1]), dilation[:-1])]
+      xt = lax.dynamic_slice(xs, (0, *origin, 0, 0), (b, *extent, c))
+      xt = xt[(slice(None),) + tuple(slice(None, None, s) for s in strides[:-1])]
+      k, s, r = block[-1], strides[-1], dilation[-1]
+      return [xt[..., t * r:t * r + (k - 1) * s + 1:s, :].reshape(-1, c)
+              for t in range(window[-1])]
+
+    return body(views_of, starts, carry)
+
+  # Independent loops over disjoint ranges of blocks, so that XLA can run them on separate cores
+  # (a loop step is too small to be split across threads itself).
+  split = min(_LOOP_SPLIT, math.prod(counts))
+  bounds = [math.prod(counts) * i // split for i in range(split + 1)]
+  return [lax.fori_loop(lo, hi, step, init) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _over_leads(window, fn, init):
+  """fori_loop of `fn(lead, carry)` over the leading taps (a plain call for one)."""
+  leads = math.prod(window[:-1])
+  return fn(0, init) if leads == 1 else lax.fori_loop(0, leads, fn, init)
+
+
+def _add_at(acc, index, value):
+  """acc[index] += value for a traced leading index, in place."""
+  start = (index,) + (0,) * (acc.ndim - 1)
+  row = lax.dynamic_slice(acc, start, (1,) + acc.shape[1:])
+  return lax.dynamic_update_slice(acc, row + value.reshape(row.shape).astype(acc.dtype), start)
 
 
 def _kernel_grad(x, g, window, strides, dilation, pads):
@@ -258,17 +303,23 @@ def _kernel_grad_loop(x, g, window, strides, dilation, pads):
   gp = _pad(g, [(0, n * k - o) for n, k, o in zip(counts, block, out_spatial)])
   contract = (((0,), (0,)), ((), ()))
 
-  def body(views, starts, acc):
+  def body(views_of, starts, acc):
     gs = lax.dynamic_slice(gp, (0, *starts, 0), (b, *block, cout)).reshape(-1, cout)
-    if cin < 8:  # few channels: one product over all taps
-      cols = jnp.stack(views, axis=1).reshape(gs.shape[0], -1)
-      return acc + lax.dot_general(cols, gs, contract, preferred_element_type=jnp.float32)
-    # One product per tap: no stacked copy, and each reads its view where it lies in cache.
-    return acc + jnp.concatenate([
-        lax.dot_general(v, gs, contract, preferred_element_type=jnp.float32) for v in views])
 
-  init = jnp.zeros((math.prod(window) * cin, cout), jnp.float32)
-  acc = _block_loop(x, out_spatial, window, strides, dilation, pads, block, body, init)
+    def tap(lead, acc):
+      views = views_of(lead)
+      if cin < 8:  # few channels: one product over the taps
+        cols = jnp.stack(views, axis=1).reshape(gs.shape[0], -1)
+        part = lax.dot_general(cols, gs, contract, preferred_element_type=jnp.float32)
+      else:  # one product per tap: no stacked copy, each reads its view where it lies in cache
+        part = jnp.concatenate([
+            lax.dot_general(v, gs, contract, preferred_element_type=jnp.float32) for v in views])
+      return _add_at(acc, lead, part)
+
+    return _over_leads(window, tap, acc)
+
+  init = jnp.zeros((math.prod(window[:-1]), window[-1] * cin, cout), jnp.float32)
+  acc = sum(_block_loop(x, out_spatial, window, strides, dilation, pads, block, body, init))
   return acc.reshape(tuple(window) + (cin, cout)).astype(x.dtype)
 
 
@@ -279,17 +330,22 @@ def _matmul_forward(x, kernel, strides, dilation, pads):
   b, cin = x.shape[0], x.shape[-1]
   block = _blocks(out_spatial, b, cin + cout)
   counts = [-(-o // k) for o, k in zip(out_spatial, block)]
-  kmat = kernel.reshape((-1, cout))
+  kmat = kernel.reshape((-1, window[-1] * cin, cout))
+  dtype = jnp.result_type(x, kernel)
 
-  def body(views, starts, out):
-    cols = jnp.stack(views, axis=1).reshape(views[0].shape[0], -1)
-    y = jnp.dot(cols, kmat, preferred_element_type=jnp.float32)
-    return lax.dynamic_update_slice(out, y.reshape((b, *block, cout)).astype(out.dtype),
+  def body(views_of, starts, out):
+    def tap(lead, y):
+      cols = jnp.concatenate(views_of(lead), axis=1)
+      return y + jnp.dot(cols, lax.dynamic_index_in_dim(kmat, lead, keepdims=False),
+                         preferred_element_type=jnp.float32)
+
+    y = _over_leads(window, tap, jnp.zeros((b * math.prod(block), cout), jnp.float32))
+    return lax.dynamic_update_slice(out, y.reshape((b, *block, cout)).astype(dtype),
                                     (0, *starts, 0))
 
-  init = jnp.zeros((b, *[n * size for n, size in zip(counts, block)], cout),
-                   jnp.result_type(x, kernel))
-  out = _block_loop(x, out_spatial, window, strides, dilation, pads, block, body, init)
+  init = jnp.zeros((b, *[n * size for n, size in zip(counts, block)], cout), dtype)
+  # (The loops write disjoint blocks into zeros, so their sum is the whole output.)
+  out = sum(_block_loop(x, out_spatial, window, strides, dilation, pads, block, body, init))
   return out[(slice(None),) + tuple(slice(0, o) for o in out_spatial)]
 
 
@@ -315,8 +371,7 @@ def _input_grad(forward, g, kernel, in_spatial, strides, dilation, pads):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _custom_conv(x, kernel, strides, dilation, pads, impl):
-  y = _slotwise(_FORWARD[impl], x, kernel, strides, dilation, pads)
-  return lax.optimization_barrier(y) if _BARRIER_CONV else y
+  return _slotwise(_FORWARD[impl], x, kernel, strides, dilation, pads)
 
 
 def _custom_conv_fwd(x, kernel, strides, dilation, pads, impl):
@@ -327,8 +382,6 @@ def _custom_conv_bwd(strides, dilation, pads, impl, residuals, g):
   x, kernel = residuals
   forward = functools.partial(_slotwise, _FORWARD[impl])
   dx = _input_grad(forward, g, kernel, x.shape[1:-1], strides, dilation, pads)
-  if _BARRIER_DX:
-    dx = lax.optimization_barrier(dx)
   dk = _kernel_grad(x, g, kernel.shape[:-2], strides, dilation, pads)
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
@@ -421,15 +474,11 @@ def _max_pool_winner(x, window, strides, pads):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def _max_pool(x, window, strides, pads, in_spatial):
-  y = _max_pool_winner(x, window, strides, pads)[0]
-  return lax.optimization_barrier(y) if _BARRIER_POOL else y
+  return _max_pool_winner(x, window, strides, pads)[0]
 
 
 def _max_pool_fwd(x, window, strides, pads, in_spatial):
-  y, winner = _max_pool_winner(x, window, strides, pads)
-  if _BARRIER_POOL:
-    y, winner = lax.optimization_barrier((y, winner))
-  return y, winner
+  return _max_pool_winner(x, window, strides, pads)
 
 
 def _max_pool_bwd(window, strides, pads, in_spatial, winner, g):

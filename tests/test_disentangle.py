@@ -211,6 +211,17 @@ def test_loss_is_the_configured_sum_of_its_terms(full_params):
   assert 1.0 <= float(metrics["modalities_kept"]) <= 3.5
 
 
+def test_cross_entropy_stays_sane_on_a_background_only_batch(full_params):
+  # Regression: the per-batch weight 1 - n/n of a class filling the batch came out as -3e-8
+  # under jit, and the weighted mean divided it by its 1e-8 floor (CE of -2e5).
+  method = loss_method()
+  batch = make_batch([[True, True, True, True], [True, False, True, False]])
+  batch["label"] = jnp.zeros_like(batch["label"])
+  batch["valid"] = jnp.ones_like(batch["valid"]).at[0, :3].set(False)
+  _, (metrics, _) = jax.jit(method.loss_fn)(full_params, {}, batch, jax.random.key(5), 0)
+  assert 0.0 <= float(metrics["cross_entropy"]) < 5.0
+
+
 def test_without_disentanglement_the_loss_is_segmentation_only(full_params):
   method = loss_method("mean", False)
   params = variant_params(full_params, "mean", False)

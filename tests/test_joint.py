@@ -184,6 +184,17 @@ def test_consistency_term_zero_when_equal_and_hand_made_value():
       == pytest.approx(float(term))
 
 
+def test_consistency_stop_gradient_keeps_the_value_and_freezes_the_target():
+  rng = np.random.default_rng(7)
+  full, t1 = random_probs(rng, (1, 3, 3, 5)), random_probs(rng, (1, 3, 3, 5))
+  term = lambda f, t, stop: joint.consistency_term(f, t, None, WEIGHTS, LESION, stop)
+  assert float(term(full, t1, True)) == pytest.approx(float(term(full, t1, False)))
+  grad_target = lambda stop: jax.grad(term, argnums=1)(full, t1, stop)
+  assert np.all(np.asarray(grad_target(True)) == 0)
+  assert np.any(np.asarray(grad_target(False)) != 0)
+  assert np.any(np.asarray(jax.grad(term)(full, t1, True)) != 0)
+
+
 def smoke_config(**changes):
   config = joint_config.get_config("smoke")
   config.model.update(features=(2, 3), dilations=(1, 2), head_features=3)

@@ -161,6 +161,7 @@ def test_smoke_training_runs_both_stages_and_freezes_the_unet(tmp_path):
 
   config = mlp_config.get_config("smoke")
   config.data.cache_dir = str(ROOT / ".cache" / "hemijax")
+  config.model.conv_impl = "xla"   # compiles fastest; the stages are under test here
   config.train.num_steps = 2
   config.impute.num_steps = 2
   config.train.keep_checkpoints = 4

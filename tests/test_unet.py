@@ -111,6 +111,7 @@ def test_smoke_training_with_dropout(tmp_path):
 
   config = unet_config.get_config("smoke_dropout")
   config.data.cache_dir = str(ROOT / ".cache" / "hemijax")
+  config.model.conv_impl = "xla"   # compiles fastest; the stages are under test here
   config.train.num_steps = 3
   loop.train(config, tmp_path, progress=False)
   records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]

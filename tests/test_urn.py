@@ -187,6 +187,7 @@ def test_smoke_training_pools_data_and_freezes_by_stage(tmp_path):
 
   config = urn_config.get_config("smoke")
   config.data.cache_dir = str(ROOT / ".cache" / "hemijax")
+  config.model.conv_impl = "xla"   # compiles fastest; the stages are under test here
   config.pretrain.num_steps = 2
   config.train.num_steps = 2
   config.train.keep_checkpoints = 4

@@ -297,7 +297,9 @@ def make_loss_fn(model: Disentangle, config):
     out = model.apply({"params": params, **model_state}, batch["image"], mask, available,
                       train=True, method="forward_train", rngs={"sample": sample_key})
     logits, labels, valid = out["logits"], batch["label"], batch.get("valid")
-    weights = losses.batch_class_weights(labels, model.num_classes, valid)
+    # Clamped: under jit, XLA's division can make 1 - n/n a tiny negative number for a class that
+    # fills the batch, and cross_entropy would divide that by its 1e-8 floor (a huge negative CE).
+    weights = jnp.maximum(losses.batch_class_weights(labels, model.num_classes, valid), 0.0)
     ce = losses.cross_entropy(logits, labels, valid, weights)
     dice = losses.soft_dice(logits, labels, valid)
     loss = loss_cfg.ce_weight * ce + loss_cfg.dice_weight * dice

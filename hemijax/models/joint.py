@@ -17,7 +17,9 @@ Loss: the probabilistic Jaccard loss L = sum_c w_c (1 - J_c), w = 1/(2 n_tissue)
   R^l   = L^l(h(T1, FLAIR), y^l)         on lesion scans (only the lesion class is scored),
   R^t_1 = L^t(h(T1, FLAIR), h(T1))       on lesion scans: the inter-modality consistency term that
                                          bounds the unobservable tissue risk there (triangle
-                                         inequality), skipped before `consistency_start`.
+                                         inequality), skipped before `consistency_start`;
+                                         `consistency_stop_gradient` (not in the issue) makes
+                                         h(T1) a constant target.
 J_c = sum min(p, t) / sum max(p, t) is the Jaccard index of fuzzy sets (a metric, zero when p == t);
 on one-hot targets it equals the `hemijax.losses.probabilistic_jaccard` form, which the supervised
 terms use.
@@ -53,9 +55,11 @@ SETS = ("tissue", "lesion")
 # ----------------------------------------------------------------------------------------------
 # Network
 
-def _norm(kind: str, name: str | None = None):
+def _norm(kind: str):
+  """Instance normalisation (per sample and channel: the same for T1 alone and T1 + FLAIR inputs,
+  unlike batch statistics), or none."""
   if kind == "instance":
-    return nn.GroupNorm(num_groups=None, group_size=1, name=name)
+    return nn.GroupNorm(num_groups=None, group_size=1)
   return lambda x: x
 
 
@@ -247,8 +251,14 @@ def lesion_term(probs, lesion, valid, weights, lesion_class):
       probs[..., lesion_class:lesion_class + 1], target, valid)
 
 
-def consistency_term(probs_full, probs_tissue_protocol, valid, weights, lesion_class):
-  """R^t_1 = L^t(h(T1, FLAIR), h(T1)): tissue classes of the two predictions (soft target)."""
+def consistency_term(probs_full, probs_tissue_protocol, valid, weights, lesion_class,
+                     stop_gradient=False):
+  """R^t_1 = L^t(h(T1, FLAIR), h(T1)): tissue classes of the two predictions (soft target).
+
+  stop_gradient: treat h(T1) as a constant target, so only h(T1, FLAIR) is pulled towards it.
+  """
+  if stop_gradient:
+    probs_tissue_protocol = jax.lax.stop_gradient(probs_tissue_protocol)
   tissue = np.array([c for c in range(probs_full.shape[-1]) if c != lesion_class])
   return fuzzy_jaccard_distance(probs_full[..., tissue], probs_tissue_protocol[..., tissue], valid,
                                 jnp.asarray(weights)[tissue])
@@ -273,6 +283,7 @@ def make_loss_fn(model: nn.Module, config) -> base.LossFn:
   sets = variant_sets(config.variant)
   lc = config.loss
   use_consistency = config.variant == "joint" and lc.consistency_weight > 0
+  stop_gradient = bool(lc.get("consistency_stop_gradient", False))
   slots = jnp.asarray(tissue_protocol_slots(config))
 
   def loss_fn(params, model_state, batch, key, step):
@@ -302,7 +313,8 @@ def make_loss_fn(model: nn.Module, config) -> base.LossFn:
         valid = lb["valid"] & jnp.any(t1_mask, axis=1).reshape((-1,) + (1,) * (lb["valid"].ndim - 1))
 
         def consistency(_):
-          return consistency_term(probs_full, decode(t1_mask), valid, weights, lesion_class)
+          return consistency_term(probs_full, decode(t1_mask), valid, weights, lesion_class,
+                                  stop_gradient)
 
         active = step >= lc.consistency_start
         # lax.cond: the T1-only decode is not computed before the start step.
@@ -420,6 +432,7 @@ def check_config(config) -> None:
 
 
 def head_classes(config) -> tuple[int, ...] | None:
+  """The classes the variant's head predicts (None: all of the joint label space)."""
   task = get_task(config.task)
   lesion_class = task.class_names.index("lesion")
   if config.variant == "tissue_only":
