@@ -32,7 +32,7 @@ def main():
                                split=args.split, subsets=args.subsets, out=args.out,
                                compare=args.compare, step=args.step)
     print(evaluation.summary_markdown(summary, title=f"{summary['method']}: Dice by subset"))
-    for extra in ("synthesis", "comparison"):
+    for extra in ("synthesis", "classifier", "comparison"):
       if extra in summary:
         print(open(summary[extra]).read())
 

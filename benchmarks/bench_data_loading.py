@@ -7,7 +7,6 @@ maps), (b) one jitted train step, and prints their ratio. The loop samples on a 
 so loading is hidden when the ratio is well under 1; the target is < 10 %.
 """
 import argparse
-import importlib.util
 import pathlib
 import sys
 import time
@@ -18,17 +17,10 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import load_config  # noqa: E402
 from hemijax.data import datasets  # noqa: E402
 from hemijax.models import get_method  # noqa: E402
 from hemijax.training import loop, step as step_lib  # noqa: E402
-
-
-def load_config(spec):
-  path, _, preset = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("bench_config", ROOT / path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(preset) if preset else module.get_config()
 
 
 def main():

@@ -9,12 +9,16 @@ and report the median of the timed calls. On a shared machine, compare alternati
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import pathlib
 import statistics
 import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass
@@ -88,3 +92,12 @@ def compiled_memory(jitted: Callable, *args) -> dict[str, int]:
          "temp": stats.temp_size_in_bytes, "alias": stats.alias_size_in_bytes}
   out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
   return out
+
+
+def load_config(spec: str):
+  """A config from `path[:preset]` (as train.py's --config takes it), relative to the repository."""
+  path, _, preset = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("bench_config", ROOT / path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(preset) if preset else module.get_config()

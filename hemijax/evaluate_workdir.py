@@ -11,7 +11,7 @@ import pathlib
 import numpy as np
 from tqdm import tqdm
 
-from hemijax import evaluation, inference, metrics
+from hemijax import atomic, evaluation, inference, metrics, unlabeled
 from hemijax.data import datasets, io, layouts, preprocess
 from hemijax.predictor import Predictor
 
@@ -77,7 +77,6 @@ def evaluate_workdir(workdir, *, data=None, layout="auto", split="test", subsets
   summary["method"] = config.method
   summary["split"] = split
   evaluation.write_cases_csv(out / "cases.csv", rows)
-  evaluation.write_summary(out, summary, title=f"{config.method} on {root.name} ({split or 'all'})")
   evaluation.plot_dice_by_subset(out / "dice_by_subset.png", summary)
   for vol, preds in overlays:
     to_values = lambda m: preprocess.class_ids_to_label_values(m, task.label_values)
@@ -91,6 +90,16 @@ def evaluate_workdir(workdir, *, data=None, layout="auto", split="test", subsets
       synthesis.write_synthesis_report(out, synthesis_rows, modalities,
                                        title=f"{config.method}: synthesis PSNR ({split or 'all'})")
       summary["synthesis"] = str(out / "synthesis.md")
+  if unlabeled.has_classifier(config):  # PIMMS: the modality classifier's accuracy on this split
+    report = unlabeled.classifier_report(predictor.method, predictor.variables, volumes,
+                                         roi=config.eval.roi_size or config.data.patch_size,
+                                         overlap=config.eval.overlap)
+    report.update(data=str(root), split=split)
+    atomic.write_json(out / "classifier_accuracy.json", report)
+    atomic.write_text(out / "classifier_accuracy.md", unlabeled.accuracy_markdown(
+        report, f"{workdir.name}: modality classifier on {root.name} ({split or 'all'})"))
+    summary["classifier_accuracy"] = {k: report[k] for k in ("window_accuracy", "volume_accuracy")}
+    summary["classifier"] = str(out / "classifier_accuracy.md")
   if compare:
     methods_rows = [(f"{config.method} ({workdir.name})", rows)]
     for other in compare:
@@ -103,6 +112,7 @@ def evaluate_workdir(workdir, *, data=None, layout="auto", split="test", subsets
     comparison = evaluation.compare(methods_rows, modalities, regions, wilcoxon_method="auto")
     evaluation.write_comparison(out, comparison)
     summary["comparison"] = str(out / "comparison.md")
+  evaluation.write_summary(out, summary, title=f"{config.method} on {root.name} ({split or 'all'})")
   return summary
 
 

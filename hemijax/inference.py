@@ -47,10 +47,11 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-def make_window_forward(method: Method, variables):
+def make_window_forward(method: Method, variables, share_encoder: bool = True):
   """jitted `(windows (B, *roi, M), masks (S, M)) -> probabilities (S, B, *roi, C)`.
 
-  Compiled once per window shape and subset count; the masks are data.
+  Compiled once per window shape and subset count; the masks are data. `share_encoder=False` runs
+  one whole forward per subset instead (what sharing saves; see benchmarks/bench_subsets.py).
   """
   spatial_dims = method.spatial_dims
 
@@ -59,7 +60,7 @@ def make_window_forward(method: Method, variables):
       windows = windows[..., 0, :]  # (B, X, Y, 1, M) axial slices -> (B, X, Y, M)
     batch = windows.shape[0]
     per_item = lambda mask: jnp.broadcast_to(mask, (batch, mask.shape[-1]))
-    if method.has_encoder:
+    if method.has_encoder and share_encoder:
       features = method.encode(variables, windows)
       logits = jax.lax.map(lambda m: method.decode(variables, features, per_item(m)), masks)
     else:

@@ -32,6 +32,11 @@ from hemijax.models import pimms
 _FORWARDS = weakref.WeakKeyDictionary()  # predictor -> jitted forward over max_scans scan slots
 
 
+def has_classifier(config) -> bool:
+  """Whether the config's model holds a modality classifier (PIMMS soft, hard or online)."""
+  return config.method == "pimms" and config.model.variant != "hemis"
+
+
 def check_unlabeled_config(config) -> None:
   """Unnamed scans need a PIMMS model with a modality classifier (not the hemis variant)."""
   if config.method != "pimms":
@@ -279,8 +284,8 @@ def main(argv=None):
     report = workdir_accuracy(args.workdir, data=args.data, layout=args.layout, split=args.split,
                               step=args.step)
     if args.out:
-      from hemijax.training.checkpoints import write_json_atomic
-      write_json_atomic(args.out, report)
+      from hemijax import atomic
+      atomic.write_json(args.out, report)
     print(accuracy_markdown(report, f"{pathlib.Path(args.workdir).name} on "
                                     f"{pathlib.Path(report['data']).name} ({args.split})"))
 

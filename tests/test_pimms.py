@@ -359,3 +359,30 @@ def test_classifier_report_counts_brain_slices(predictor):
   assert report["window_accuracy"] == pytest.approx(hits / report["windows"])
   assert np.sum(report["confusion"]) == report["windows"]
   assert np.sum(np.asarray(report["confusion"])[1]) == 0  # t2 was absent
+
+
+def test_evaluate_a_trained_offline_workdir_reports_the_classifier_accuracy(tmp_path):
+  """Two stages trained (classifier, then segmentation), then evaluate.py's library call: the
+  staged checkpoint restores, and the classifier's accuracy on the split is reported."""
+  import json
+  import pathlib
+
+  from hemijax.evaluate_workdir import evaluate_workdir
+
+  config = smoke_config("soft")
+  config.data.cache_dir = str(pathlib.Path(__file__).resolve().parents[1] / ".cache" / "hemijax")
+  config.model.conv_impl = "xla"   # compiles fastest
+  config.classifier.num_steps = 2
+  config.train.num_steps = 2
+  workdir = tmp_path / "run"
+  loop.train(config, workdir, progress=False)
+  summary = evaluate_workdir(workdir, out=tmp_path / "eval", progress=False)
+  report = json.loads((tmp_path / "eval" / "classifier_accuracy.json").read_text())
+  direct = unlabeled.workdir_accuracy(workdir)   # the same checkpoint and split, by the CLI's path
+  for key in ("window_accuracy", "volume_accuracy", "windows", "scans", "confusion"):
+    assert report[key] == direct[key], key
+  assert summary["classifier_accuracy"]["window_accuracy"] == report["window_accuracy"]
+  assert 0.0 <= report["window_accuracy"] <= 1.0 and report["windows"] > 0
+  assert "modality classifier" in (tmp_path / "eval" / "classifier_accuracy.md").read_text()
+  assert json.loads((tmp_path / "eval" / "summary.json").read_text())["classifier_accuracy"] == \
+      summary["classifier_accuracy"]
