@@ -140,3 +140,25 @@ def test_save_needs_nifti_name(tmp_path):
   with pytest.raises(DataError) as e:
     save_nifti_atomic(tmp_path / "pred.npy", np.zeros((2, 2, 2)), AFFINE)
   _assert_names(e, tmp_path / "pred.npy")
+
+
+def test_write_directory_renames_only_a_complete_folder(tmp_path):
+  from hemijax import atomic
+
+  def fill(folder):
+    (folder / "a.txt").write_text("a")
+
+  assert atomic.write_directory(tmp_path / "set", fill) == tmp_path / "set"
+  assert (tmp_path / "set" / "a.txt").read_text() == "a"
+
+  def fail(folder):
+    (folder / "half.txt").write_text("x")
+    raise RuntimeError("interrupted")
+
+  with pytest.raises(RuntimeError):
+    atomic.write_directory(tmp_path / "other", fail)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]   # no half folder, no temp left
+  # A folder another process finished first is kept as it is.
+  atomic.write_directory(tmp_path / "set", lambda folder: (folder / "b.txt").write_text("b"))
+  assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["a.txt"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]

@@ -10,32 +10,11 @@ import pytest
 from configs import unet as unet_config
 from hemijax.models import get_method
 from hemijax.models.unet import BatchNorm, ModalityUNet
+from model_helpers import jit_apply, quick_init
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # conv_impl "xla": the fastest to compile (the lowerings are compared in the layers tests).
 SMALL = dict(features=(4, 6, 8), conv_impl="xla")
-
-
-def quick_init(model, *args, seed=0, **kwargs):
-  """`model.init`'s variables with NumPy-drawn weights: no jax.random programs to compile (slow on
-  CPU); batch statistics and scales/shifts start as flax's do."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name in ("mean",) or name.startswith("bias"):
-      return jnp.zeros(leaf.shape, leaf.dtype)
-    if name in ("var", "scale"):
-      return jnp.ones(leaf.shape, leaf.dtype)
-    std = np.sqrt(2.0 / np.prod(leaf.shape[-4:-1]))
-    return jnp.asarray(rng.normal(0.0, std, leaf.shape), leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def jit_apply(model):
-  return jax.jit(model.apply, static_argnames=("train", "method", "mutable"))
 
 
 @pytest.mark.parametrize("spatial", [(8, 12), (8, 8, 4)])

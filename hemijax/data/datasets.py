@@ -1,11 +1,9 @@
 """The dataset a config names: a user's folder, or the built-in phantom generated once and cached."""
 from __future__ import annotations
 
-import os
 import pathlib
-import shutil
-import tempfile
 
+from hemijax import atomic
 from hemijax.data import layouts, preprocess
 from hemijax.data.tasks import get_task
 
@@ -45,19 +43,8 @@ def ensure_phantom(config) -> pathlib.Path:
     return root
   from hemijax.data import phantom  # heavy (templates); only when generating
 
-  root.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
-  try:
-    options = phantom_options(config)
-    phantom.write_dataset(tmp, **options)
-    if root.exists():  # another process finished first
-      shutil.rmtree(tmp)
-    else:
-      os.replace(tmp, root)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return root
+  return atomic.write_directory(root, lambda tmp: phantom.write_dataset(
+      tmp, **phantom_options(config)))
 
 
 def dataset_root(config) -> pathlib.Path:

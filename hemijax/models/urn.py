@@ -24,10 +24,7 @@ reach get zero gradients and so zero Adam updates.
 """
 from __future__ import annotations
 
-import os
 import pathlib
-import shutil
-import tempfile
 from typing import Sequence
 
 import flax.linen as nn
@@ -35,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hemijax import atomic
 from hemijax import dropout as dropout_lib
 from hemijax import fusion, layers, losses
 from hemijax.data import preprocess, sampling
@@ -259,29 +257,23 @@ def ensure_healthy_phantom(config) -> pathlib.Path:
   from hemijax.data import phantom  # heavy (templates); only when generating
 
   p, d = config.pretrain, config.data
-  root.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
-  try:
+
+  def fill(folder):
     for i in range(int(p.healthy_subjects)):
       case = f"Phantom_healthy_{i:03d}"
       subject = phantom.generate_subject(
           "tissue", np.random.default_rng([d.phantom_seed, 1000003, i]), d.phantom_spacing,
           d.phantom_protocol, tuple(p.healthy_modalities))
-      (tmp / case).mkdir()
+      (folder / case).mkdir()
       for name, image in subject["images"].items():
-        (tmp / case / f"{case}_{name}.nii.gz").write_bytes(
+        (folder / case / f"{case}_{name}.nii.gz").write_bytes(
             phantom.nifti_bytes(image, subject["affine"]))
       label = np.zeros(subject["label"].shape, np.uint8)
-      (tmp / case / f"{case}_seg.nii.gz").write_bytes(phantom.nifti_bytes(label, subject["affine"]))
-    (tmp / "complete").write_text("")
-    if root.exists():  # another process finished first
-      shutil.rmtree(tmp)
-    else:
-      os.replace(tmp, root)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return root
+      (folder / case / f"{case}_seg.nii.gz").write_bytes(
+          phantom.nifti_bytes(label, subject["affine"]))
+    (folder / "complete").write_text("")
+
+  return atomic.write_directory(root, fill)
 
 
 def healthy_volumes(config) -> list:
