@@ -47,10 +47,11 @@ def build_cases(spec: str):
         split_cache[split] = datasets.load_split(config, split)
       return split_cache[split]
 
-    for stage in method.training_stages(config):
+    stages_of_method = method.training_stages(config)
+    for stage, (begin, _) in zip(stages_of_method, loop.stage_bounds(stages_of_method)):
       make_batch = (stage.make_batches(config, load_split) if stage.make_batches
                     else loop.make_batch_fn(config, load_split("train")))
-      batch = jax.device_put(make_batch(0))
+      batch = jax.device_put(make_batch(begin))  # batch makers count global steps
       optimizer = loop.stage_optimizer(stage)
       state = step_lib.init_state(method, optimizer, jax.random.key(0), batch)
       train_step = jax.jit(step_lib.make_train_step(stage.loss_fn, optimizer, 0))
