@@ -53,7 +53,10 @@ def build_cases(spec: str):
                     else loop.make_batch_fn(config, load_split("train")))
       batch = jax.device_put(make_batch(begin))  # batch makers count global steps
       optimizer = loop.stage_optimizer(stage)
-      state = step_lib.init_state(method, optimizer, jax.random.key(0), batch)
+      if stage is stages_of_method[0]:   # as the loop: initialised from the first stage's batch
+        state = step_lib.init_state(method, optimizer, jax.random.key(0), batch)
+      else:
+        state = dict(state, opt_state=optimizer.init(state["params"]))
       train_step = jax.jit(step_lib.make_train_step(stage.loss_fn, optimizer, 0))
       cases, memory, _ = stages.setdefault(stage.name, ({}, {}, _image_voxels(batch)))
       cases[impl] = (train_step, (state, batch))
@@ -72,9 +75,9 @@ def build_cases(spec: str):
 
 
 def _image_voxels(batch) -> int:
-  """Voxels of the batch's images (every image array of a nested batch; channels excluded)."""
+  """Voxels of the batch's images or voxel samples (every such array of a nested batch)."""
   return sum(int(np.prod(x.shape[:-1])) for path, x in jax.tree_util.tree_leaves_with_path(batch)
-             if "image" in jax.tree_util.keystr(path))
+             if any(k in jax.tree_util.keystr(path) for k in ("image", "voxels")))
 
 
 def main(argv=None):

@@ -11,6 +11,7 @@ per class on its test split (`--step latest`: its val split then only monitors t
 pick the checkpoint). Variants (the same network):
 
   ... --config.loss.consistency_weight=0                        # joint, no consistency term R^t_1
+  ... --config.loss.consistency_stop_gradient=True            # R^t_1 with h(T1) a constant target
   ... --config.variant=tissue_only                              # tissue set only (tissue classes)
   ... --config.variant=lesion_only                              # lesion set only (lesion vs not)
 
