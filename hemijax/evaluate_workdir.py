@@ -36,6 +36,10 @@ def evaluate_workdir(workdir, *, data=None, layout="auto", split="test", subsets
   """Evaluates `workdir`'s checkpoint; returns the summary (and writes the report files)."""
   workdir = pathlib.Path(workdir)
   out = pathlib.Path(out) if out else workdir / "eval"
+  for other in compare:  # fail before the long evaluation, not after it
+    if not (pathlib.Path(other) / "eval" / "cases.csv").is_file():
+      raise ValueError(f"--compare: {pathlib.Path(other) / 'eval' / 'cases.csv'} not found; run "
+                       f"evaluate.py --workdir {other} first")
   predictor = Predictor(workdir, step)
   config, task, modalities = predictor.config, predictor.task, predictor.modalities
   root = pathlib.Path(data) if data else datasets.dataset_root(config)
@@ -104,8 +108,6 @@ def evaluate_workdir(workdir, *, data=None, layout="auto", split="test", subsets
     methods_rows = [(f"{config.method} ({workdir.name})", rows)]
     for other in compare:
       path = pathlib.Path(other) / "eval" / "cases.csv"
-      if not path.is_file():
-        raise ValueError(f"--compare: {path} not found; run evaluate.py --workdir {other} first")
       other_config = predictor_config_name(other)
       methods_rows.append((f"{other_config} ({pathlib.Path(other).name})",
                            evaluation.read_cases_csv(path)))

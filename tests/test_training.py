@@ -112,6 +112,16 @@ def test_evaluate_every_subset(trained, tmp_path, cache_dir):
   assert "●●●●" in proc.stdout or "● | ● | ● | ●" in proc.stdout
 
 
+def test_evaluate_compare_with_an_unevaluated_workdir_fails_first(trained, tmp_path, cache_dir):
+  out = tmp_path / "eval"
+  proc = run_cli(["evaluate.py", f"--workdir={trained}", f"--out={out}",
+                  f"--compare={tmp_path / 'other'}"], cache_dir, check=False)
+  assert proc.returncode != 0
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "--compare" in lines[0] and "other" in lines[0], proc.stderr
+  assert not out.exists()   # nothing evaluated or written
+
+
 def test_predict_from_t1_and_flair_keeps_the_affine(trained, tmp_path, cache_dir):
   import nibabel as nib
   from hemijax.data import layouts
