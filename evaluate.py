@@ -4,7 +4,8 @@ r"""Evaluates a trained workdir on every non-empty subset of its modalities.
       [--subsets all|flair+t1,t2] [--compare runs/unet ...] [--out DIR]
 
 Writes cases.csv, summary.md/.json, dice_by_subset.png and overlays to --out (default WORKDIR/eval)
-and prints the Dice table.
+and prints the Dice table. With --compare: comparison.md (Dice), comparison_assd.md and
+comparison_hd95.md, methods side by side with wins and Wilcoxon p-values against WORKDIR.
 """
 import argparse
 

@@ -16,6 +16,7 @@ from hemijax.data import datasets, io, layouts, preprocess
 from hemijax.predictor import Predictor
 
 OVERLAY_CASES = 3
+COMPARED_DISTANCES = ("assd", "hd95")  # besides Dice: comparison_<metric>.md/.json
 
 
 def parse_subsets_option(value: str, modalities) -> list[tuple[str, ...]]:
@@ -114,6 +115,11 @@ def evaluate_workdir(workdir, *, data=None, layout="auto", split="test", subsets
     comparison = evaluation.compare(methods_rows, modalities, regions, wilcoxon_method="auto")
     evaluation.write_comparison(out, comparison)
     summary["comparison"] = str(out / "comparison.md")
+    # The surface distances side by side too (the papers report ASSD and HD95 beside Dice).
+    for metric in COMPARED_DISTANCES:
+      evaluation.write_comparison(
+          out, evaluation.compare(methods_rows, modalities, regions, metric=metric,
+                                  wilcoxon_method="auto"), name=f"comparison_{metric}")
   evaluation.write_summary(out, summary, title=f"{config.method} on {root.name} ({split or 'all'})")
   return summary
 

@@ -378,10 +378,10 @@ def comparison_markdown(comparison, title="Comparison") -> str:
   return "\n".join(lines)
 
 
-def write_comparison(out_dir, comparison, title="Comparison") -> None:
-  """comparison.json and comparison.md in `out_dir` (atomic writes)."""
-  atomic.write_text(os.path.join(out_dir, "comparison.json"), _json_text(comparison))
-  atomic.write_text(os.path.join(out_dir, "comparison.md"), comparison_markdown(comparison, title))
+def write_comparison(out_dir, comparison, title="Comparison", name="comparison") -> None:
+  """`name`.json and `name`.md in `out_dir` (atomic writes)."""
+  atomic.write_text(os.path.join(out_dir, f"{name}.json"), _json_text(comparison))
+  atomic.write_text(os.path.join(out_dir, f"{name}.md"), comparison_markdown(comparison, title))
 
 
 # ---------------------------------------------------------------------------------------------

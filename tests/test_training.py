@@ -112,6 +112,24 @@ def test_evaluate_every_subset(trained, tmp_path, cache_dir):
   assert "●●●●" in proc.stdout or "● | ● | ● | ●" in proc.stdout
 
 
+def test_evaluate_compare_writes_dice_and_surface_distance_tables(trained, tmp_path, cache_dir):
+  from hemijax.evaluate_workdir import evaluate_workdir
+
+  other = tmp_path / "other"
+  evaluate_workdir(trained, out=other / "eval", progress=False)
+  (other / "config.json").write_text((trained / "config.json").read_text())
+  out = tmp_path / "eval"
+  summary = evaluate_workdir(trained, out=out, compare=[other], progress=False)
+  assert summary["comparison"] == str(out / "comparison.md")
+  for metric in ("dice", "assd", "hd95"):
+    name = "comparison" if metric == "dice" else f"comparison_{metric}"
+    comparison = json.loads((out / f"{name}.json").read_text())
+    assert comparison["metric"] == metric and len(comparison["methods"]) == 2
+    # The same checkpoint on the same cases: every p-value is 1 (no differences).
+    assert all(p == 1.0 for entry in comparison["subsets"].values()
+               for by_region in entry["p_value"].values() for p in by_region.values())
+
+
 def test_evaluate_compare_with_an_unevaluated_workdir_fails_first(trained, tmp_path, cache_dir):
   out = tmp_path / "eval"
   proc = run_cli(["evaluate.py", f"--workdir={trained}", f"--out={out}",
