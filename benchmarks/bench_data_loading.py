@@ -51,8 +51,8 @@ def main():
     step_times.append(t2 - t1)
   load, step = np.median(load_times), np.median(step_times)
   print(f"config {args.config}: batch {config.data.batch_size} x {tuple(config.data.patch_size)}")
-  print(f"| batch sampling (host) | train step (jitted) | loading / step |")
-  print(f"|---|---|---|")
+  print("| batch sampling (host) | train step (jitted) | loading / step |")
+  print("|---|---|---|")
   print(f"| {load * 1e3:.1f} ms | {step * 1e3:.1f} ms | {100 * load / step:.1f} % |")
 
 

@@ -30,7 +30,6 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.custom_batching import custom_vmap
 
@@ -38,8 +37,8 @@ IMPLS = ("auto", "xla", "planes", "matmul")
 
 # Values (input + output channels per output position) that `_kernel_grad` and the "matmul" forward
 # handle per loop step: 4 MiB of float32. Products this large are split across cores by XLA:CPU;
-# cache-sized blocks (256 KiB) kept one core busy: the HeMIS-3D train step took 1.86 s against
-# 1.40 s (2D demo step: 0.187 s against 0.156 s), same run, 2 cores.
+# with cache-sized blocks (256 KiB) one core sat idle: benchmarks/bench_conv.py timed the HeMIS-3D
+# train step at 1.854 s with those against 1.408 s with these (docs/performance.md).
 _BLOCK_ELEMENTS = 1 << 20
 # ... but at least this many output positions per step, so that per-step costs stay small.
 _MIN_BLOCK = 256

@@ -1,4 +1,7 @@
 """Helpers the model tests share (imported as `model_helpers`; pytest puts tests/ on sys.path)."""
+import json
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,3 +27,22 @@ def quick_init(model, *args, seed=0, **kwargs):
 
 def jit_apply(model):
   return jax.jit(model.apply, static_argnames=("train", "method", "mutable"))
+
+
+PHANTOM_CACHE = pathlib.Path(__file__).resolve().parents[1] / ".cache" / "hemijax"
+
+
+def smoke_training_config(config_module, preset="smoke", conv_impl="xla"):
+  """A config file's preset for a short training run on the shared phantom cache; XLA's
+  convolution compiles fastest (the lowerings themselves are compared in test_layers)."""
+  config = config_module.get_config(preset)
+  config.data.cache_dir = str(PHANTOM_CACHE)
+  if conv_impl is not None:
+    config.model.conv_impl = conv_impl
+  return config
+
+
+def metrics_records(workdir) -> list[dict]:
+  """The lines of a run's metrics.jsonl."""
+  return [json.loads(line)
+          for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]

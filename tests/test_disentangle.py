@@ -5,9 +5,7 @@ instead of a compiled `init`) and one jitted function per model variant.
 """
 import functools
 import itertools
-import json
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +14,8 @@ import pytest
 
 from configs import disentangle as disentangle_config
 from hemijax.models import disentangle, get_method
+from model_helpers import metrics_records, smoke_training_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 M = 4
 C = 4  # tumour classes
 SIZE = 8
@@ -297,10 +295,9 @@ def test_presets_and_clear_errors():
 
 def test_smoke_training_run(tmp_path):
   from hemijax.training import loop
-  config = disentangle_config.get_config("smoke")
-  config.data.cache_dir = str(ROOT / ".cache" / "hemijax")  # the shared phantom cache
+  config = smoke_training_config(disentangle_config, conv_impl=None)  # the preset picks it
   loop.train(config, tmp_path, progress=False)
-  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  records = metrics_records(tmp_path)
   train = [r for r in records if r["split"] == "train"]
   val = [r for r in records if r["split"] == "val"]
   assert [r["step"] for r in train] == [1, 2, 3]

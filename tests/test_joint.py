@@ -1,6 +1,5 @@
 """Joint lesion + tissue model: hetero-modal first stage, loss decomposition, data, smoke training."""
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +9,7 @@ import pytest
 from configs import joint as joint_config
 from hemijax import losses
 from hemijax.models import get_method, joint
+from model_helpers import metrics_records
 
 T1_ONLY = np.array([[True, False]])
 BOTH = np.array([[True, True]])
@@ -334,7 +334,7 @@ def test_training_sets_and_the_evaluation_set_differ(smoke_run):
 
 def test_smoke_training_logs_every_term(smoke_run):
   _, workdir, last = smoke_run
-  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  records = metrics_records(workdir)
   train = [r for r in records if r["split"] == "train"]
   assert [r["step"] for r in train] == [1, 2, 3]
   assert [r["consistency_active"] for r in train] == [0.0, 1.0, 1.0]

@@ -1,8 +1,6 @@
 """MLP imputation: pattern bookkeeping, one compilation for every subset, vmapped training equals
 training one pattern alone, and a smoke run whose second stage leaves the U-Net untouched."""
 import itertools
-import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +11,8 @@ import pytest
 from configs import mlp_impute as mlp_config
 from hemijax.models import get_method
 from hemijax.models import mlp_impute as mi
-from model_helpers import jit_apply, quick_init
+from model_helpers import jit_apply, metrics_records, quick_init, smoke_training_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 M = 4
 # conv_impl "xla": the fastest to compile (the lowerings are compared in the layers tests).
 SMALL = dict(hidden=(6, 5), features=(4, 6), conv_impl="xla")
@@ -138,14 +135,12 @@ def test_smoke_training_runs_both_stages_and_freezes_the_unet(tmp_path):
   from hemijax.predictor import load_run
   from hemijax.training import loop
 
-  config = mlp_config.get_config("smoke")
-  config.data.cache_dir = str(ROOT / ".cache" / "hemijax")
-  config.model.conv_impl = "xla"   # compiles fastest; the stages are under test here
+  config = smoke_training_config(mlp_config)
   config.train.num_steps = 2
   config.impute.num_steps = 2
   config.train.keep_checkpoints = 4
   loop.train(config, tmp_path, progress=False)
-  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  records = metrics_records(tmp_path)
   assert [(r["step"], r["stage"]) for r in records if r["split"] == "train"] == [
       (1, "segmentation"), (2, "segmentation"), (3, "imputation"), (4, "imputation")]
   assert [r["step"] for r in records if r["split"] == "val"] == [4]

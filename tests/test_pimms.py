@@ -15,6 +15,7 @@ from hemijax.models import pimms
 from hemijax.models.hemis import HeMIS
 from hemijax.training import loop
 from hemijax.training import step as step_lib
+from model_helpers import smoke_training_config
 
 VARIANTS = pimms.VARIANTS
 M = 3  # wmh: t1, t2, flair
@@ -365,13 +366,10 @@ def test_evaluate_a_trained_offline_workdir_reports_the_classifier_accuracy(tmp_
   """Two stages trained (classifier, then segmentation), then evaluate.py's library call: the
   staged checkpoint restores, and the classifier's accuracy on the split is reported."""
   import json
-  import pathlib
 
   from hemijax.evaluate_workdir import evaluate_workdir
 
-  config = smoke_config("soft")
-  config.data.cache_dir = str(pathlib.Path(__file__).resolve().parents[1] / ".cache" / "hemijax")
-  config.model.conv_impl = "xla"   # compiles fastest
+  config = smoke_training_config(pimms_config, "smoke_soft")
   config.classifier.num_steps = 2
   config.train.num_steps = 2
   workdir = tmp_path / "run"

@@ -1,6 +1,4 @@
 """U-Net baseline: 2D/3D shapes, zero-filling, masked batch statistics, presets, a smoke run."""
-import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +8,8 @@ import pytest
 from configs import unet as unet_config
 from hemijax.models import get_method
 from hemijax.models.unet import BatchNorm, ModalityUNet
-from model_helpers import jit_apply, quick_init
+from model_helpers import jit_apply, metrics_records, quick_init, smoke_training_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 # conv_impl "xla": the fastest to compile (the lowerings are compared in the layers tests).
 SMALL = dict(features=(4, 6, 8), conv_impl="xla")
 
@@ -88,12 +85,10 @@ def test_presets_and_method():
 def test_smoke_training_with_dropout(tmp_path):
   from hemijax.training import loop
 
-  config = unet_config.get_config("smoke_dropout")
-  config.data.cache_dir = str(ROOT / ".cache" / "hemijax")
-  config.model.conv_impl = "xla"   # compiles fastest; the stages are under test here
+  config = smoke_training_config(unet_config, "smoke_dropout")
   config.train.num_steps = 3
   loop.train(config, tmp_path, progress=False)
-  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  records = metrics_records(tmp_path)
   train = [r for r in records if r["split"] == "train"]
   assert [r["step"] for r in train] == [1, 2, 3]
   assert all(np.isfinite(r["loss"]) for r in train)

@@ -1,7 +1,5 @@
 """URN: shapes, subset independence, finite gradients, encode/decode == __call__, the
 fixed-parameter normalisation, the pooled pre-training data, a two-stage smoke run."""
-import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +11,8 @@ from configs import urn as urn_config
 from hemijax import fusion
 from hemijax.models import get_method
 from hemijax.models import urn
-from model_helpers import jit_apply, quick_init
+from model_helpers import jit_apply, metrics_records, quick_init, smoke_training_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 M = 4
 # conv_impl "xla": the fastest to compile (the lowerings are compared in the layers tests).
 SMALL = dict(representation_channels=3, encoder_features=(4, 5), features=(4, 6),
@@ -164,9 +161,7 @@ def test_smoke_training_pools_data_and_freezes_by_stage(tmp_path):
   from hemijax.predictor import load_run
   from hemijax.training import loop
 
-  config = urn_config.get_config("smoke")
-  config.data.cache_dir = str(ROOT / ".cache" / "hemijax")
-  config.model.conv_impl = "xla"   # compiles fastest; the stages are under test here
+  config = smoke_training_config(urn_config)
   config.pretrain.num_steps = 2
   config.train.num_steps = 2
   config.train.keep_checkpoints = 4
@@ -178,7 +173,7 @@ def test_smoke_training_pools_data_and_freezes_by_stage(tmp_path):
     assert not vol.label.any()
 
   loop.train(config, tmp_path, progress=False)
-  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  records = metrics_records(tmp_path)
   assert [(r["step"], r["stage"]) for r in records if r["split"] == "train"] == [
       (1, "pretrain"), (2, "pretrain"), (3, "segmentation"), (4, "segmentation")]
   assert [r["step"] for r in records if r["split"] == "val"] == [4]
