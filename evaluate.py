@@ -4,7 +4,8 @@ r"""Evaluates a trained workdir on every non-empty subset of its modalities.
       [--subsets all|flair+t1,t2] [--compare runs/unet ...] [--out DIR]
 
 Writes cases.csv, summary.md/.json, dice_by_subset.png and overlays to --out (default WORKDIR/eval)
-and prints the Dice table. With --compare: comparison.md (Dice), comparison_assd.md and
+and prints the Dice table, then any report the method adds (synthesis PSNR for methods with
+synthesis decoders, a modality classifier's accuracy). With --compare: comparison.md (Dice), comparison_assd.md and
 comparison_hd95.md, methods side by side with wins and Wilcoxon p-values against WORKDIR.
 """
 import argparse
@@ -26,16 +27,15 @@ def main():
   args = parser.parse_args()
 
   def run():
-    from hemijax import evaluation
-    from hemijax.evaluate_workdir import evaluate_workdir
+    from hemijax.evaluation import report as evaluation
+    from hemijax.evaluation.evaluate import evaluate_workdir
 
     summary = evaluate_workdir(args.workdir, data=args.data, layout=args.layout,
                                split=args.split, subsets=args.subsets, out=args.out,
                                compare=args.compare, step=args.step)
     print(evaluation.summary_markdown(summary, title=f"{summary['method']}: Dice by subset"))
-    for extra in ("synthesis", "classifier", "comparison"):
-      if extra in summary:
-        print(open(summary[extra]).read())
+    for report in summary["reports"]:  # the method's own reports, then the comparison
+      print(open(report).read())
 
   cli.run(run)
 

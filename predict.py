@@ -3,29 +3,14 @@ r"""Segments NIfTI volumes with a trained workdir, from any subset of its modali
   python predict.py --workdir runs/hemis --input flair=a.nii.gz --input t1=b.nii.gz \
       --output seg.nii.gz [--probabilities probs.nii.gz]
   python predict.py --workdir runs/hemis --data DIR [--layout auto] --out OUTDIR
-  python predict.py --workdir runs/pimms --input a.nii.gz --input b.nii.gz --output seg.nii.gz
-      (PIMMS workdirs: unnamed scans; the modality classifier assigns them)
+  python predict.py --workdir runs/pimms_soft --input a.nii.gz --input b.nii.gz --output seg.nii.gz
+      (unnamed scans, for methods whose modality classifier assigns them)
 
 The output has the input's shape and affine and the dataset's own label values; files are written
 to a temporary name and renamed, so an interrupted run never leaves a half-written file.
 """
 import argparse
-import pathlib
-
 from hemijax import cli
-
-
-def parse_inputs(values):
-  """['flair=a.nii.gz', ...] -> {'flair': Path}; names are checked against the model later."""
-  inputs = {}
-  for value in values:
-    name, sep, path = value.partition("=")
-    if not sep or not name or not path:
-      raise ValueError(f"--input {value!r}: expected MODALITY=PATH, e.g. flair=a.nii.gz")
-    if name in inputs:
-      raise ValueError(f"--input: modality {name!r} given twice")
-    inputs[name.strip().lower()] = pathlib.Path(path)
-  return inputs
 
 
 def main():
@@ -41,7 +26,8 @@ def main():
   args = parser.parse_args()
 
   def run():
-    from hemijax.predict_files import predict_dataset, predict_files
+    from hemijax.inference.nifti import (parse_named_inputs, predict_dataset, predict_files,
+                                          predict_unnamed_files)
 
     if args.data:
       if args.input or not args.out:
@@ -53,18 +39,14 @@ def main():
         raise ValueError("give --input MODALITY=PATH (one or more) and --output, or --data and --out")
       named = ["=" in value for value in args.input]
       if any(named) and not all(named):
-        raise ValueError("--input: give every input as MODALITY=PATH, or none (PIMMS workdirs)")
+        raise ValueError("--input: give every input as MODALITY=PATH, or none (unnamed scans)")
       if all(named):
-        predict_files(args.workdir, parse_inputs(args.input), args.output,
+        predict_files(args.workdir, parse_named_inputs(args.input), args.output,
                       probabilities=args.probabilities, step=args.step)
       else:
-        from hemijax import unlabeled
-        from hemijax.predictor import Predictor
-        predictor = Predictor(args.workdir, args.step)
-        unlabeled.check_unlabeled_config(predictor.config)
-        assigned = unlabeled.predict_unlabeled_files(predictor, args.input, args.output,
-                                                     probabilities=args.probabilities)
-        for path, modality, prob in assigned:
+        for path, modality, prob in predict_unnamed_files(
+            args.workdir, args.input, args.output, probabilities=args.probabilities,
+            step=args.step):
           print(f"{path}: classified as {modality} (p={prob:.2f})")
       print(f"wrote {args.output}")
 

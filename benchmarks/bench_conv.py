@@ -38,7 +38,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import compiled_memory, matmul_peak_gflops, time_interleaved  # noqa: E402
-from hemijax import fusion, losses  # noqa: E402
+from hemijax.nn import fusion
+from hemijax.nn import losses  # noqa: E402
 from hemijax.models.hemis import HeMIS  # noqa: E402
 
 MODALITIES, CLASSES = 4, 4

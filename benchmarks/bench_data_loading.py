@@ -18,9 +18,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import load_config  # noqa: E402
-from hemijax.data import datasets  # noqa: E402
+from hemijax.data import datasets, sampling  # noqa: E402
 from hemijax.models import get_method  # noqa: E402
-from hemijax.training import loop, step as step_lib  # noqa: E402
+from hemijax.training import stages as stages_lib, step as step_lib  # noqa: E402
 
 
 def main():
@@ -31,9 +31,9 @@ def main():
   config = load_config(args.config)
   method = get_method(config)
   volumes = datasets.load_split(config, "train")
-  make_batch = loop.make_batch_fn(config, volumes)
+  make_batch = sampling.make_patch_batches(config, volumes)
   stage = method.training_stages(config)[0]
-  optimizer = loop.stage_optimizer(stage)
+  optimizer = stages_lib.stage_optimizer(stage)
   state = step_lib.init_state(method, optimizer, jax.random.key(0), make_batch(0))
   train_step = jax.jit(step_lib.make_train_step(stage.loss_fn, optimizer, 0), donate_argnums=0)
   state, _ = train_step(state, make_batch(0))  # compile

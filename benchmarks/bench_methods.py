@@ -22,10 +22,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import compiled_memory, load_config, time_interleaved  # noqa: E402
-from hemijax import inference  # noqa: E402
+from hemijax.inference import sliding_window as inference  # noqa: E402
 from hemijax.data import datasets  # noqa: E402
 from hemijax.models import get_method  # noqa: E402
-from hemijax.training import loop, step as step_lib  # noqa: E402
+from hemijax.training import stages as stages_lib, step as step_lib  # noqa: E402
 
 DEMOS = ("configs/hemis.py:demo", "configs/unet.py:demo_dropout", "configs/mlp_impute.py:demo",
          "configs/urn.py:demo", "configs/pimms.py:demo_soft", "configs/disentangle.py:demo",
@@ -48,11 +48,10 @@ def build_cases(spec: str):
       return split_cache[split]
 
     stages_of_method = method.training_stages(config)
-    for stage, (begin, _) in zip(stages_of_method, loop.stage_bounds(stages_of_method)):
-      make_batch = (stage.make_batches(config, load_split) if stage.make_batches
-                    else loop.make_batch_fn(config, load_split("train")))
+    for stage, (begin, _) in zip(stages_of_method, stages_lib.stage_bounds(stages_of_method)):
+      make_batch = stages_lib.stage_batches(stage, config, load_split)
       batch = jax.device_put(make_batch(begin))  # batch makers count global steps
-      optimizer = loop.stage_optimizer(stage)
+      optimizer = stages_lib.stage_optimizer(stage)
       if stage is stages_of_method[0]:   # as the loop: initialised from the first stage's batch
         state = step_lib.init_state(method, optimizer, jax.random.key(0), batch)
       else:

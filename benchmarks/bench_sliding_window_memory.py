@@ -3,7 +3,7 @@ r"""Peak memory of sliding-window inference on a 4 x 160 x 192 x 160 volume.
   python benchmarks/bench_sliding_window_memory.py                 # predict: one subset
   python benchmarks/bench_sliding_window_memory.py --subsets 15    # evaluate: every subset
 
-Runs `hemijax.inference.predict_probabilities` with the HeMIS-3D network of issue 9 (4 back ends of
+Runs `hemijax.inference.sliding_window.predict_probabilities` with the HeMIS-3D network of issue 9 (4 back ends of
 conv 1->48, conv 48->48, 2x2x2 max-pool; mean+variance fusion; conv 96->16, conv 16->4; kernels 3,
 random parameters) on a random volume, windows of `--roi` (Gaussian blending, overlap 0.5, batches of
 `--batch` windows), and prints the process's peak resident memory (`getrusage` max RSS: everything,
@@ -23,7 +23,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import compiled_memory  # noqa: E402
-from hemijax import evaluation, inference  # noqa: E402
+from hemijax.evaluation import report as evaluation
+from hemijax.inference import sliding_window as inference  # noqa: E402
 from hemijax.models import get_method  # noqa: E402
 from configs import hemis as hemis_config  # noqa: E402
 

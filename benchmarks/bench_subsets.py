@@ -4,7 +4,7 @@ r"""Every-subset evaluation: shared per-modality encodings against independent f
   python benchmarks/bench_subsets.py --config configs/hemis.py:demo --3d   # 3D HeMIS, 64^3 windows
 
 For one whole volume of the phantom's grid (2 mm MNI: 91 x 109 x 91, four modalities; random
-values, random parameters: the work does not depend on them), times `hemijax.inference.
+values, random parameters: the work does not depend on them), times `hemijax.inference.sliding_window.
 predict_probabilities` over all 15 non-empty subsets (a) as evaluate.py runs it, each window encoded
 once per modality and every subset fused and decoded from those features, and (b) as 15
 independent forward passes (`make_window_forward(share_encoder=False)`), alternating the two round
@@ -23,7 +23,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import load_config, time_interleaved  # noqa: E402
-from hemijax import evaluation, inference  # noqa: E402
+from hemijax.evaluation import report as evaluation
+from hemijax.inference import sliding_window as inference  # noqa: E402
 from hemijax.models import get_method  # noqa: E402
 
 

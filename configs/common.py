@@ -2,6 +2,7 @@
 import ml_collections
 
 from hemijax.data.tasks import get_task
+from hemijax.nn import augment
 
 PRESETS = ("paper", "demo", "smoke")
 
@@ -50,3 +51,10 @@ def base_config(method: str, task: str, preset: str) -> ml_collections.ConfigDic
       overlap=0.5, sw_batch_size=4, blend="gaussian",
   ))
   return config
+
+
+def add_augment(config: ml_collections.ConfigDict, preset: str) -> None:
+  """`config.augment` (hemijax.nn.augment): on in `paper` and `demo`, off in `smoke` (fast tests)."""
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+  config.augment = augment.default_config(enabled=preset != "smoke")

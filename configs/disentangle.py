@@ -24,6 +24,7 @@ from configs import common
 
 def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   config = common.base_config(method="disentangle", task="tumor", preset=preset)
+  common.add_augment(config, preset)
   config.model = ml_collections.ConfigDict(dict(
       content_features=(16, 32, 64, 128),   # 4 residual blocks; channels double as size halves
       fusion="gated",                       # "gated" | "mean" (ablation baseline)

@@ -13,6 +13,7 @@ from configs import common
 
 def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   config = common.base_config(method="hemis", task="tumor", preset=preset)
+  common.add_augment(config, preset)
   config.model = ml_collections.ConfigDict(dict(
       backend_features=(48, 48), backend_kernel=5, pool_window=2,
       frontend_features=(16,), frontend_kernel=5, final_kernel=21, conv_impl="auto"))

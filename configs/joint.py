@@ -27,6 +27,7 @@ from configs import common
 
 def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   config = common.base_config(method="joint", task="tissue", preset=preset)
+  common.add_augment(config, preset)
   config.variant = "joint"   # "joint" | "tissue_only" | "lesion_only"
   config.model = ml_collections.ConfigDict(dict(
       features=(16, 32, 64), dilations=(1, 2, 4), blocks_per_stage=3,

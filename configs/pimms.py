@@ -1,8 +1,7 @@
 r"""PIMMS (Varsavsky et al. 2018) on the built-in WMH phantom (T1, T2, FLAIR), 2D slices.
 
   python train.py --config configs/pimms.py:demo_soft --workdir runs/pimms_soft
-  python evaluate.py --workdir runs/pimms_soft --compare runs/pimms_hemis
-  python -m hemijax.unlabeled accuracy --workdir runs/pimms_soft
+  python evaluate.py --workdir runs/pimms_soft --compare runs/pimms_hemis   # + classifier accuracy
 
 Presets: `paper` (36-layer residual classifier; HeMIS 48 maps, 5x5 kernels, 21x21 final conv;
 Adam 3e-4, weight decay 1e-4; binary Dice loss; γ = 1e-4), `demo` (default; minutes on 2 CPU
@@ -30,6 +29,7 @@ def _split_preset(preset: str) -> tuple[str, str]:
 def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   preset, variant = _split_preset(preset)
   config = common.base_config(method="pimms", task="wmh", preset=preset)
+  common.add_augment(config, preset)
   config.model = ml_collections.ConfigDict(dict(
       variant=variant,
       max_scans=6,   # inputs are padded to this many scans: one compiled function for any N

@@ -46,6 +46,7 @@ def unet_model(preset: str) -> ml_collections.ConfigDict:
 def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   base, with_dropout = split_preset(preset)
   config = common.base_config(method="unet", task="tumor", preset=base)
+  common.add_augment(config, base)
   config.preset = preset
   config.model = unet_model(base)
   # Batch statistics live in model_state; training mode updates them.

@@ -2,7 +2,6 @@ r"""Unified representation network (URN) on the built-in tumour phantom, 2D slic
 
   python train.py --config configs/urn.py --workdir runs/urn
   python evaluate.py --workdir runs/urn          # Dice by subset, and the synthesis PSNR table
-  python -m hemijax.synthesis --workdir runs/urn # the synthesis PSNR table alone
 
 One command runs both stages: pre-training by cross-modality synthesis (`pretrain.num_steps`,
 encoders + synthesis decoders, dropout theta = 0.8, pooled tumour + healthy T1/T2 phantoms), then

@@ -4,5 +4,5 @@ __version__ = "0.1.0"
 
 def load_predictor(workdir, step="best"):
   """A trained workdir's predictor: `.predict({modality: 3D array, ...})` -> label map."""
-  from hemijax.predictor import load_predictor as _load  # keeps `import hemijax` light
+  from hemijax.inference.predictor import load_predictor as _load  # keeps `import hemijax` light
   return _load(workdir, step)

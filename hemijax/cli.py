@@ -23,5 +23,5 @@ def run(main_fn) -> None:
 
 
 def _is_user_error(e) -> bool:
-  from hemijax.training.loop import TrainingError
+  from hemijax.training import TrainingError
   return isinstance(e, USER_ERRORS + (TrainingError,))

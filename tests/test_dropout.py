@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hemijax import dropout
+from hemijax.nn import modality_dropout as dropout
 
 AVAILABLE = np.array([[1, 1, 1, 1], [1, 0, 1, 1], [0, 0, 1, 0], [1, 1, 0, 0]] * 256, bool)
 

@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from hemijax import evaluation
+from hemijax.evaluation import report as evaluation
 from hemijax.data.tasks import get_task
-from hemijax.metrics import METRIC_NAMES, case_metrics
+from hemijax.evaluation.metrics import METRIC_NAMES, case_metrics
 
 TUMOR = get_task("tumor")
 MODS = TUMOR.modalities

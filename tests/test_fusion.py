@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from hemijax import fusion
+from hemijax.nn import fusion
 
 jax.config.update("jax_enable_x64", False)
 

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hemijax import evaluation, inference
+from hemijax.evaluation import report as evaluation
+from hemijax.inference import sliding_window as inference
 from hemijax.models import base
 from hemijax.models.hemis import HeMIS
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import joint as joint_config
-from hemijax import losses
+from hemijax.nn import losses
 from hemijax.models import get_method, joint
 from model_helpers import metrics_records
 

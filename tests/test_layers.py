@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from jax import lax
 
-from hemijax import layers
+from hemijax.nn import layers
 from hemijax.models.hemis import HeMIS
 
 IMPLS = ("planes", "matmul")

@@ -1,10 +1,14 @@
-"""Metrics: hand-computed cases, empty-mask conventions, surface distances against medpy."""
+"""Metrics: hand-computed cases, empty-mask conventions, surface distances against medpy (pooled
+HD95) and a NumPy transcription of MONAI (directed-maximum HD95, the default)."""
+import json
+
 import numpy as np
 import pytest
 from medpy.metric import binary as medpy_binary
 from scipy import ndimage
+from scipy.spatial.distance import cdist
 
-from hemijax import metrics
+from hemijax.evaluation import metrics
 from hemijax.data.tasks import get_task
 
 
@@ -66,7 +70,8 @@ def test_surface_metrics_match_medpy(connectivity):
   for trial in range(4):
     truth = _blob(rng, shape, 0.8)
     pred = ndimage.binary_dilation(truth, iterations=1) if trial == 0 else _blob(rng, shape, 1.0)
-    ours_hd = metrics.hausdorff95(pred, truth, spacing, connectivity=connectivity)
+    ours_hd = metrics.hausdorff95(pred, truth, spacing, connectivity=connectivity,
+                                  hd95_convention="pooled")
     ours_assd = metrics.assd(pred, truth, spacing, connectivity=connectivity)
     ref_hd = medpy_binary.hd95(pred, truth, voxelspacing=spacing, connectivity=connectivity)
     ref_assd = medpy_binary.assd(pred, truth, voxelspacing=spacing, connectivity=connectivity)
@@ -82,7 +87,7 @@ def test_cropping_keeps_distances_for_small_far_apart_masks():
   shape, spacing = (40, 48, 36), (1.0, 1.0, 1.5)
   truth = _box(shape, (0, 5, 3), (6, 12, 9)) | _box(shape, (10, 10, 10), (13, 14, 12))
   pred = _box(shape, (25, 30, 20), (31, 39, 30))
-  assert metrics.hausdorff95(pred, truth, spacing) == pytest.approx(
+  assert metrics.hausdorff95(pred, truth, spacing, hd95_convention="pooled") == pytest.approx(
       medpy_binary.hd95(pred, truth, voxelspacing=spacing))
   assert metrics.assd(pred, truth, spacing) == pytest.approx(
       medpy_binary.assd(pred, truth, voxelspacing=spacing))
@@ -146,3 +151,193 @@ def test_region_masks_and_case_metrics_brats():
   assert result["ET"]["volume_diff_ml"] == pytest.approx(-0.008)
   for values in result.values():
     assert tuple(values) == metrics.METRIC_NAMES
+
+
+def _face_surface_coords(mask, spacing):
+  """Mask voxels with a background face neighbour (outside = background), in mm; by shifts."""
+  padded = np.pad(mask, 1)
+  interior = padded.copy()
+  for axis in range(mask.ndim):
+    for step in (-1, 1):
+      interior &= np.roll(padded, step, axis=axis)
+  surface = (padded & ~interior)[tuple(slice(1, -1) for _ in range(mask.ndim))]
+  return np.argwhere(surface) * np.asarray(spacing)
+
+
+def _brute_force_hd95(pred, truth, spacing):
+  """(directed_max, pooled) HD95 from all pairwise surface-voxel distances."""
+  pairwise = cdist(_face_surface_coords(pred, spacing), _face_surface_coords(truth, spacing))
+  to_truth, to_pred = pairwise.min(axis=1), pairwise.min(axis=0)
+  directed_max = max(np.percentile(to_truth, 95), np.percentile(to_pred, 95))
+  return directed_max, np.percentile(np.concatenate([to_truth, to_pred]), 95)
+
+
+def _monai_surface_distances(pred, truth, spacing):
+  """NumPy transcription of MONAI 1.5 get_edge_surface_distance(symmetric=True) on the CPU:
+  crop to the bounding box of pred | truth with a 1-voxel margin, zero-padded where it leaves the
+  image (CropForegroundD(margin=1, allow_smaller=False)); edges = binary_erosion(x) ^ x with scipy's
+  default structure; distance_transform_edt(~edges, sampling) cast to float32."""
+  coords = np.argwhere(pred | truth)
+  lo, hi = coords.min(axis=0) - 1, coords.max(axis=0) + 2
+  pad = [(max(-a, 0), max(b - n, 0)) for a, b, n in zip(lo, hi, pred.shape)]
+  box = tuple(slice(a + p[0], b + p[0]) for a, b, p in zip(lo, hi, pad))
+  pred, truth = np.pad(pred, pad)[box], np.pad(truth, pad)[box]
+  edges_pred = ndimage.binary_erosion(pred) ^ pred
+  edges_gt = ndimage.binary_erosion(truth) ^ truth
+  def directed(src, dst):
+    return ndimage.distance_transform_edt(~dst, sampling=spacing).astype(np.float32)[src]
+  return directed(edges_pred, edges_gt), directed(edges_gt, edges_pred)
+
+
+def _monai_hd95_and_asd(pred, truth, spacing):
+  """compute_hausdorff_distance(percentile=95) (torch.quantile = linear interpolation, per directed
+  set, then max) and compute_average_surface_distance(symmetric=True) (mean of the concatenation)."""
+  distances = _monai_surface_distances(pred, truth, spacing)
+  hd95 = max(np.percentile(d, 95) for d in distances)
+  return float(hd95), float(np.concatenate(distances).mean())
+
+
+def _under_segmentation_with_far_false_positive():
+  """Truth: a 10^3 cube. Prediction: the cube's inner 6^3 core plus a 3^3 cube ~30 voxels away."""
+  shape = (48, 16, 16)
+  truth = _box(shape, (2, 3, 3), (12, 13, 13))
+  pred = _box(shape, (4, 5, 5), (10, 11, 11)) | _box(shape, (42, 6, 6), (45, 9, 9))
+  return pred, truth
+
+
+def test_hd95_conventions_differ_on_far_false_positive():
+  pred, truth = _under_segmentation_with_far_false_positive()
+  spacing = (1.0, 1.2, 0.8)
+  ref_directed, ref_pooled = _brute_force_hd95(pred, truth, spacing)
+  directed = metrics.hausdorff95(pred, truth, spacing)
+  pooled = metrics.hausdorff95(pred, truth, spacing, hd95_convention="pooled")
+  assert directed == pytest.approx(ref_directed, abs=1e-9)
+  assert pooled == pytest.approx(ref_pooled, abs=1e-9)
+  assert pooled == pytest.approx(medpy_binary.hd95(pred, truth, voxelspacing=spacing), abs=1e-9)
+  # The false positive's 26 surface voxels are > 5 % of the prediction's 152 + 26 but < 5 % of the
+  # pooled 152 + 26 + 488: the directed maximum reports it (>= 31 voxels = 31 mm along axis 0 from
+  # the truth), the pooled percentile hides it under the under-segmentation gap, at most the
+  # distance of a truth corner to the core's corner, 2 voxels along each axis.
+  assert directed >= 31.0
+  assert pooled <= np.sqrt(2.0 ** 2 + 2.4 ** 2 + 1.6 ** 2) + 1e-9
+  # Symmetric in its arguments; the default is the directed maximum.
+  assert metrics.hausdorff95(truth, pred, spacing) == pytest.approx(directed, abs=1e-9)
+  assert metrics.DEFAULT_HD95_CONVENTION == "directed_max"
+  assert set(metrics.HD95_CONVENTIONS) == {"directed_max", "pooled"}
+  region_values = metrics.case_metrics(pred.astype(np.int32), truth.astype(np.int32), spacing,
+                                       {"lesion": (1,)}, hd95_convention="pooled")["lesion"]
+  assert region_values["hd95"] == pytest.approx(pooled, abs=1e-9)
+  assert metrics.binary_metrics(pred, truth, spacing)["hd95"] == pytest.approx(directed, abs=1e-9)
+
+
+def test_hd95_and_assd_match_monai_transcription():
+  rng = np.random.default_rng(1)
+  shape, spacing = (34, 30, 22), (0.9, 1.3, 2.5)
+  gaps = []
+  for trial in range(6):
+    truth = _blob(rng, shape, 0.8)
+    if trial == 0:
+      pred = ndimage.binary_erosion(truth, iterations=2)
+    else:
+      pred = _blob(rng, shape, 1.0 + 0.1 * trial)
+    if trial == 5:  # a small far false positive on the image edge
+      pred[-3:, :2, :2] = True
+    assert pred.any() and truth.any()
+    ref_hd95, ref_asd = _monai_hd95_and_asd(pred, truth, spacing)
+    values = metrics.binary_metrics(pred, truth, spacing)
+    assert values["hd95"] == pytest.approx(ref_hd95, abs=0.01)
+    assert values["assd"] == pytest.approx(ref_asd, abs=0.01)
+    gaps.append(values["hd95"] - metrics.hausdorff95(pred, truth, spacing, hd95_convention="pooled"))
+  assert max(gaps) > 0.01  # the cases tell the two conventions apart
+
+
+def test_unknown_conventions_raise_naming_the_option():
+  pred = _box((5, 5, 5), (1, 1, 1), (3, 3, 3))
+  empty = np.zeros((5, 5, 5), bool)
+  with pytest.raises(ValueError, match="hd95_convention"):
+    metrics.hausdorff95(pred, pred, 1.0, hd95_convention="medpy")
+  with pytest.raises(ValueError, match="hd95_convention"):
+    metrics.binary_metrics(empty, empty, 1.0, hd95_convention="max")  # checked even when empty
+  with pytest.raises(ValueError, match="hd95_convention"):
+    metrics.case_metrics(pred.astype(int), pred.astype(int), 1.0, {"r": (1,)},
+                         hd95_convention="")
+  with pytest.raises(ValueError, match="empty_penalty"):
+    metrics.assd(pred, empty, 1.0, empty_penalty="huge")
+  with pytest.raises(ValueError, match="hd95_convention"):
+    metrics.metric_conventions(hd95_convention="Directed_Max")
+
+
+def test_image_diagonal_empty_penalty():
+  shape, spacing = (20, 30, 10), (1.0, 0.5, 2.0)  # extent 20 x 15 x 20 mm
+  pred = _box(shape, (1, 1, 1), (3, 3, 3))
+  empty = np.zeros(shape, bool)
+  diagonal = np.sqrt(20.0 ** 2 + 15.0 ** 2 + 20.0 ** 2)
+  values = metrics.binary_metrics(empty, pred, spacing, empty_penalty="image_diagonal")
+  assert values["hd95"] == values["assd"] == pytest.approx(diagonal)
+  assert metrics.empty_mask_penalty((240, 240, 155), 1.0, "image_diagonal") == pytest.approx(
+      metrics.HD_PENALTY_MM, abs=0.005)
+  assert metrics.empty_mask_penalty(shape, spacing) == metrics.HD_PENALTY_MM
+  both_empty = metrics.binary_metrics(empty, empty, spacing, empty_penalty="image_diagonal")
+  assert both_empty["hd95"] == both_empty["assd"] == 0.0
+
+
+def test_metric_conventions_record():
+  record = metrics.metric_conventions()
+  assert record["hd95"].startswith("directed_max")
+  assert record["assd"].startswith("pooled")
+  assert record["empty_penalty_mm"] == metrics.HD_PENALTY_MM
+  assert json.loads(json.dumps(record)) == record
+  pooled = metrics.metric_conventions(hd95_convention="pooled", empty_penalty="image_diagonal")
+  assert pooled["hd95"].startswith("pooled") and pooled["empty_penalty_mm"] is None
+
+
+def _lesion_scene():
+  """Truth lesions A, B (6^3), C (two 4^3 boxes 4 voxels apart) and D (3^3 = 27 mm^3, too small);
+  prediction: A shifted by one voxel, B missed, C exact, a blob one voxel beside D, a far FP."""
+  shape = (60, 40, 20)
+  truth = (_box(shape, (2, 2, 2), (8, 8, 8)) | _box(shape, (20, 2, 2), (26, 8, 8))
+           | _box(shape, (2, 20, 2), (6, 24, 6)) | _box(shape, (2, 28, 2), (6, 32, 6))
+           | _box(shape, (40, 2, 2), (43, 5, 5)))
+  pred = (_box(shape, (3, 2, 2), (9, 8, 8))
+          | _box(shape, (2, 20, 2), (6, 24, 6)) | _box(shape, (2, 28, 2), (6, 32, 6))
+          | _box(shape, (44, 2, 2), (46, 5, 5)) | _box(shape, (50, 30, 12), (53, 33, 15)))
+  return pred, truth
+
+
+def test_lesion_wise_metrics_brats_2023_rules():
+  pred, truth = _lesion_scene()
+  penalty = metrics.HD_PENALTY_MM
+  # A one-voxel shift of a 6^3 box: all surface distances are 0 or 1, over 5 % of them 1.
+  assert metrics.hausdorff95(pred[:20, :12], truth[:20, :12], 1.0) == 1.0  # A alone
+  result = metrics.lesion_wise_metrics(pred, truth, 1.0)
+  # Dilation 3 merges C's boxes; D is too small (its neighbour blob is matched, not an FP).
+  # Counted: A (Dice 2*180/432, HD95 1), B (0, penalty), C (1, 0); one FP (0, penalty).
+  assert (result["num_tp"], result["num_fn"], result["num_fp"]) == (2, 1, 1)
+  assert len(result["lesions"]) == 4
+  assert [lesion["counted"] for lesion in result["lesions"]].count(False) == 1
+  assert result["dice"] == pytest.approx((2 * 180 / 432 + 0 + 1) / 4)
+  assert result["hd95"] == pytest.approx((1.0 + penalty + 0.0 + penalty) / 4)
+  # Dilation 1: C's boxes stay two lesions and D's neighbour blob becomes a second FP.
+  narrow = metrics.lesion_wise_metrics(pred, truth, 1.0, dilation_iterations=1)
+  assert (narrow["num_tp"], narrow["num_fn"], narrow["num_fp"]) == (3, 1, 2)
+  assert narrow["dice"] == pytest.approx((2 * 180 / 432 + 0 + 1 + 1) / 6)
+  assert narrow["hd95"] == pytest.approx((1.0 + penalty + 0 + 0 + 2 * penalty) / 6)
+  # The volume threshold is in mm^3: at 2 mm spacing along one axis D (54 mm^3) counts, detected.
+  wide = metrics.lesion_wise_metrics(pred, truth, (1.0, 1.0, 2.0))
+  assert (wide["num_tp"], wide["num_fn"], wide["num_fp"]) == (3, 1, 1)
+
+
+def test_lesion_wise_metrics_empty_cases():
+  shape = (20, 20, 20)
+  empty = np.zeros(shape, bool)
+  small = _box(shape, (5, 5, 5), (8, 8, 8))  # 27 mm^3: not counted
+  both_empty = metrics.lesion_wise_metrics(empty, empty, 1.0)
+  assert (both_empty["dice"], both_empty["hd95"], both_empty["lesions"]) == (1.0, 0.0, [])
+  only_small_missed = metrics.lesion_wise_metrics(empty, small, 1.0)
+  assert (only_small_missed["dice"], only_small_missed["hd95"]) == (1.0, 0.0)
+  assert only_small_missed["lesions"][0]["detected"] is False
+  false_positive = metrics.lesion_wise_metrics(small, empty, 1.0, empty_penalty="image_diagonal")
+  assert false_positive["dice"] == 0.0 and false_positive["num_fp"] == 1
+  assert false_positive["hd95"] == pytest.approx(np.sqrt(3 * 20.0 ** 2))
+  with pytest.raises(ValueError, match="hd95_convention"):
+    metrics.lesion_wise_metrics(small, small, 1.0, hd95_convention="mean")

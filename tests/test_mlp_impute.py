@@ -132,7 +132,7 @@ def test_config_errors():
 
 
 def test_smoke_training_runs_both_stages_and_freezes_the_unet(tmp_path):
-  from hemijax.predictor import load_run
+  from hemijax.inference.predictor import load_run
   from hemijax.training import loop
 
   config = smoke_training_config(mlp_config)

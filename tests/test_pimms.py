@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 
 from configs import pimms as pimms_config
-from hemijax import inference, unlabeled
-from hemijax.data import preprocess
+from hemijax.inference import sliding_window as inference
+from hemijax.models.pimms import unnamed_inputs as unlabeled
+from hemijax.data import datasets, preprocess
+from hemijax.inference.predictor import Predictor
 from hemijax.data.tasks import get_task
 from hemijax.models import pimms
 from hemijax.models.hemis import HeMIS
 from hemijax.training import loop
+from hemijax.training import stages as stages_lib
 from hemijax.training import step as step_lib
 from model_helpers import smoke_training_config
 
@@ -227,7 +230,7 @@ def run_stages(method, config, steps_per_stage):
   stages = method.training_stages(config)
   state, snapshots = None, []
   for stage in stages:
-    optimizer = loop.stage_optimizer(stage)
+    optimizer = stages_lib.stage_optimizer(stage)
     if state is None:
       params = init_variables(method, config.seed)["params"]
       state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": {}}
@@ -299,7 +302,7 @@ def synthetic_scans(seed=0, shape=(18, 20, 6)):
 
 
 class FakePredictor:
-  """What `hemijax.predictor.Predictor` offers to `unlabeled`, without a checkpoint."""
+  """What `hemijax.inference.predictor.Predictor` offers to `unlabeled`, without a checkpoint."""
 
   def __init__(self, **fields):
     self.__dict__.update(fields)
@@ -367,7 +370,7 @@ def test_evaluate_a_trained_offline_workdir_reports_the_classifier_accuracy(tmp_
   staged checkpoint restores, and the classifier's accuracy on the split is reported."""
   import json
 
-  from hemijax.evaluate_workdir import evaluate_workdir
+  from hemijax.evaluation.evaluate import evaluate_workdir
 
   config = smoke_training_config(pimms_config, "smoke_soft")
   config.classifier.num_steps = 2
@@ -376,7 +379,11 @@ def test_evaluate_a_trained_offline_workdir_reports_the_classifier_accuracy(tmp_
   loop.train(config, workdir, progress=False)
   summary = evaluate_workdir(workdir, out=tmp_path / "eval", progress=False)
   report = json.loads((tmp_path / "eval" / "classifier_accuracy.json").read_text())
-  direct = unlabeled.workdir_accuracy(workdir)   # the same checkpoint and split, by the CLI's path
+  # The same checkpoint and split, computed directly from the predictor.
+  predictor = Predictor(workdir)
+  direct = unlabeled.classifier_report(predictor.method, predictor.variables,
+                                       datasets.load_split(predictor.config, "test"),
+                                       roi=predictor.config.data.patch_size)
   for key in ("window_accuracy", "volume_accuracy", "windows", "scans", "confusion"):
     assert report[key] == direct[key], key
   assert summary["classifier_accuracy"]["window_accuracy"] == report["window_accuracy"]

@@ -27,7 +27,7 @@ def run_cli(args, cache_dir, env_extra=None, check=True, timeout=300):
 
 def final_params(workdir):
   """Parameters of the latest checkpoint, as a flat dict of arrays."""
-  from hemijax.predictor import load_run
+  from hemijax.inference.predictor import load_run
   import jax
   _, _, variables = load_run(workdir, step="latest")
   leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
@@ -113,7 +113,7 @@ def test_evaluate_every_subset(trained, tmp_path, cache_dir):
 
 
 def test_evaluate_compare_writes_dice_and_surface_distance_tables(trained, tmp_path, cache_dir):
-  from hemijax.evaluate_workdir import evaluate_workdir
+  from hemijax.evaluation.evaluate import evaluate_workdir
 
   other = tmp_path / "other"
   evaluate_workdir(trained, out=other / "eval", progress=False)

@@ -8,7 +8,7 @@ import pytest
 
 from configs import unet as unet_config
 from configs import urn as urn_config
-from hemijax import fusion
+from hemijax.nn import fusion
 from hemijax.models import get_method
 from hemijax.models import urn
 from model_helpers import jit_apply, metrics_records, quick_init, smoke_training_config
@@ -158,7 +158,7 @@ def test_config_errors():
 
 
 def test_smoke_training_pools_data_and_freezes_by_stage(tmp_path):
-  from hemijax.predictor import load_run
+  from hemijax.inference.predictor import load_run
   from hemijax.training import loop
 
   config = smoke_training_config(urn_config)
@@ -189,7 +189,7 @@ def test_smoke_training_pools_data_and_freezes_by_stage(tmp_path):
 def test_synthesis_psnr_rows_and_values(default, tmp_path):
   import types
 
-  from hemijax import synthesis
+  from hemijax.models.urn import synthesis
   from hemijax.models import base
 
   model, variables, _, apply = default

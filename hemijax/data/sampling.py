@@ -252,3 +252,32 @@ def sample_batch(volumes, rng: np.random.Generator, *, patch_size, batch_size: i
                     lesion_class=lesion_class, lesion_dilation=lesion_dilation,
                     lesion_fraction=lesion_fraction)
   return sampler.sample(rng, batch_size)
+
+
+def make_patch_batches(config, volumes, step_offset: int = 0):
+  """`step -> host batch` of the config's patch sampler, deterministic in (seed, step).
+
+  With `sampling="balanced"` the first `balanced_fraction` of `config.train.num_steps` draws
+  class-balanced centres, then uniform ones. Steps count from `step_offset` (a stage that starts
+  late sees the batches of a one-stage run).
+  """
+  d = config.data
+  balanced_until = int(d.balanced_fraction * config.train.num_steps) if d.sampling == "balanced" else 0
+  samplers = {}
+
+  def strategy_for(step):
+    if d.sampling == "balanced":
+      return "balanced" if step < balanced_until else "uniform"
+    return d.sampling
+
+  def make_batch(step):
+    step -= step_offset
+    strategy = strategy_for(step)
+    if strategy not in samplers:
+      samplers[strategy] = Sampler(
+          volumes, patch_size=tuple(d.patch_size), strategy=strategy,
+          lesion_class=d.get("lesion_class", None))
+    rng = np.random.default_rng((config.seed, step))
+    return samplers[strategy].sample(rng, d.batch_size)
+
+  return make_batch

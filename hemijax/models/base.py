@@ -20,12 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hemijax import dropout as dropout_lib
-from hemijax import losses
+from hemijax.nn import modality_dropout as dropout_lib
+from hemijax.nn import losses
 
 LossFn = Callable[..., tuple[jax.Array, tuple[dict, dict]]]
 # (config, load_split) -> (step -> host batch dict); load_split(split) -> list of Volumes.
 BatchesFn = Callable[[Any, Callable], Callable[[int], dict]]
+# (predictor, volumes, out_dir, *, title, progress) -> summary entries; writes its report files
+# into out_dir and lists the Markdown ones under "reports" (big_vision's evaluators).
+Evaluator = Callable[..., dict]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +45,18 @@ class Stage:
   trainable: tuple[str, ...] | None = None   # top-level parameter names trained; None: all
   make_batches: BatchesFn | None = None      # None: the config's patch sampler on its dataset
   validate: bool = True                      # segmentation validation after this stage's evals
+  # The stage's batches count steps from here, so a stage that starts late gets the batches (and
+  # balanced-sampling phase) of a one-stage run; 0: global steps.
+  step_offset: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class UnnamedInputs:
+  """How a method takes scans whose modality is not given (the PIMMS classifier assigns them)."""
+  # (predictor, scans: list of 3D arrays, affine, return_probabilities) -> labels [, probs]
+  predict: Callable[..., Any]
+  # (predictor, paths, output, probabilities=None) -> [(path, modality, probability)]
+  predict_files: Callable[..., list]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +69,8 @@ class Method:
   spatial_dims: int
   size_multiple: int = 1  # spatial sizes the model accepts are multiples of this (U-Net depth)
   stages: tuple[Stage, ...] = ()  # empty: one stage of loss_fn with config.train/optimizer
+  evaluators: tuple[Evaluator, ...] = ()   # reports evaluate.py adds beside segmentation
+  unnamed_inputs: UnnamedInputs | None = None
 
   def training_stages(self, config) -> tuple[Stage, ...]:
     if self.stages:

@@ -25,8 +25,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hemijax import dropout as dropout_lib
-from hemijax import fusion, layers, losses
+from hemijax.nn import modality_dropout as dropout_lib
+from hemijax.nn import fusion
+from hemijax.nn import layers
+from hemijax.nn import losses
 from hemijax.data.tasks import get_task
 from hemijax.models import base
 

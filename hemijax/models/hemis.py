@@ -11,7 +11,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from hemijax import fusion, layers
+from hemijax.nn import fusion
+from hemijax.nn import layers
 from hemijax.data.tasks import get_task
 from hemijax.models import base
 

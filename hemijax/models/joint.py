@@ -21,7 +21,7 @@ Loss: the probabilistic Jaccard loss L = sum_c w_c (1 - J_c), w = 1/(2 n_tissue)
                                          `consistency_stop_gradient` (not in the issue) makes
                                          h(T1) a constant target.
 J_c = sum min(p, t) / sum max(p, t) is the Jaccard index of fuzzy sets (a metric, zero when p == t);
-on one-hot targets it equals the `hemijax.losses.probabilistic_jaccard` form, which the supervised
+on one-hot targets it equals the `hemijax.nn.losses.probabilistic_jaccard` form, which the supervised
 terms use.
 
 Variants (`config.variant`): "joint" (all three terms), "tissue_only" (R^t_2; the head predicts the
@@ -38,7 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hemijax import fusion, layers, losses
+from hemijax.nn import fusion
+from hemijax.nn import layers
+from hemijax.nn import losses
 from hemijax.data import datasets, sampling
 from hemijax.data.tasks import get_task
 from hemijax.models import base

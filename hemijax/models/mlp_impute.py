@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hemijax import losses
+from hemijax.nn import losses
 from hemijax.data.tasks import get_task
 from hemijax.models import base, unet
 

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hemijax import layers
+from hemijax.nn import layers
 from hemijax.data.tasks import get_task
 from hemijax.models import base
 

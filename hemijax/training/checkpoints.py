@@ -79,17 +79,52 @@ def make_manager(workdir, keep: int = 2) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints", options=options)
 
 
+# Named orbax items, so that inference restores the parameters alone. Empty items (a model without
+# batch statistics) are not written: orbax refuses empty trees.
+ITEMS = ("params", "model_state", "optimizer")
+
+
+def _items(state) -> dict:
+  return {"params": state["params"], "model_state": state["model_state"],
+          "optimizer": {"step": state["step"], "state": state["opt_state"]}}
+
+
+def _abstract(tree):
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
 def save(manager, step: int, state, metrics: dict | None = None) -> None:
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+  items = {k: v for k, v in _items(state).items() if jax.tree.leaves(v)}
+  manager.save(step, args=ocp.args.Composite(**{k: ocp.args.StandardSave(v)
+                                                for k, v in items.items()}),
                metrics=metrics, force=True)
   manager.wait_until_finished()
 
 
-def restore(manager, step: int, abstract_state):
-  """Restores `state` at `step` into the structure/shardings of `abstract_state`."""
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  return restored["state"]
+def _restore_items(manager, step: int, abstract_items: dict) -> dict:
+  folder = pathlib.Path(manager.directory) / str(step)
+  if (folder / "state").is_dir() and not (folder / "params").is_dir():
+    raise CheckpointError(f"{folder}: written by an older hemijax (one 'state' item); retrain "
+                          "it with this version or use the version that wrote it")
+  wanted = {k: v for k, v in abstract_items.items() if jax.tree.leaves(v)}
+  restored = manager.restore(step, args=ocp.args.Composite(
+      **{k: ocp.args.StandardRestore(_abstract(v)) for k, v in wanted.items()}))
+  return {k: restored[k] if k in wanted else v for k, v in abstract_items.items()}
+
+
+def restore(manager, step: int, abstract_state) -> dict:
+  """The whole train state at `step`, in the structure/shardings of `abstract_state` (resuming)."""
+  items = _restore_items(manager, step, _items(abstract_state))
+  return {"step": items["optimizer"]["step"], "params": items["params"],
+          "model_state": items["model_state"], "opt_state": items["optimizer"]["state"]}
+
+
+def restore_variables(manager, step: int, abstract_variables: dict) -> dict:
+  """Parameters and model state only (`{"params": ..., **model_state}`), for inference."""
+  abstract_variables = dict(abstract_variables)
+  params = abstract_variables.pop("params")
+  items = _restore_items(manager, step, {"params": params, "model_state": abstract_variables})
+  return {"params": items["params"], **items["model_state"]}
 
 
 def best_step(workdir) -> int | None:

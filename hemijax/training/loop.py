@@ -14,24 +14,22 @@ import time
 
 import jax
 import numpy as np
-import optax
 from tqdm import tqdm
 
-from hemijax import atomic, evaluation, inference
-from hemijax import metrics as metrics_lib
-from hemijax.data import datasets, sampling
+from hemijax import atomic
+from hemijax.evaluation import report as evaluation
+from hemijax.inference import sliding_window as inference
+from hemijax.evaluation import metrics as metrics_lib
+from hemijax.data import datasets
 from hemijax.data.preprocess import class_ids_to_label_values
 from hemijax.data.tasks import get_task
 from hemijax.models import get_method
-from hemijax.training import checkpoints, optim, sharding
+from hemijax.training import TrainingError, checkpoints, sharding
+from hemijax.training import stages as stages_lib
 from hemijax.training import step as step_lib
 
 
 EARLY_STOP_FILE = "early_stopped.json"
-
-
-class TrainingError(RuntimeError):
-  """A run that cannot go on (non-finite loss, incompatible workdir)."""
 
 
 class BatchPrefetcher:
@@ -56,31 +54,6 @@ class BatchPrefetcher:
       raise error
     assert got_step == step, (got_step, step)
     return batch
-
-
-def make_batch_fn(config, volumes):
-  """`step -> host batch`: deterministic in (seed, step); balanced sampling first if configured."""
-  d = config.data
-  task = get_task(config.task)
-  balanced_until = int(d.balanced_fraction * config.train.num_steps) if d.sampling == "balanced" else 0
-  samplers = {}
-
-  def strategy_for(step):
-    if d.sampling == "balanced":
-      return "balanced" if step < balanced_until else "uniform"
-    return d.sampling
-
-  def make_batch(step):
-    strategy = strategy_for(step)
-    if strategy not in samplers:
-      samplers[strategy] = sampling.Sampler(
-          volumes, patch_size=tuple(d.patch_size), strategy=strategy,
-          lesion_class=d.get("lesion_class", None))
-    rng = np.random.default_rng((config.seed, step))
-    return samplers[strategy].sample(rng, d.batch_size)
-
-  del task
-  return make_batch
 
 
 def validation_masks(volumes, seed: int) -> list[np.ndarray]:
@@ -132,26 +105,6 @@ def _truncate_jsonl(path, last_step):
   atomic.write_text(path, "".join(l + "\n" for l in kept))
 
 
-def stage_optimizer(stage, params_example=None):
-  """The stage's optimiser; parameters outside `stage.trainable` get zero updates (frozen)."""
-  opt = optim.make_optimizer(stage.optimizer, stage.num_steps)
-  if stage.trainable is None:
-    return opt
-  trainable = set(stage.trainable)
-  labels = lambda params: {k: jax.tree.map(lambda _: "train" if k in trainable else "freeze", v)
-                           for k, v in params.items()}
-  return optax.multi_transform({"train": opt, "freeze": optax.set_to_zero()}, labels)
-
-
-def stage_bounds(stages) -> list[tuple[int, int]]:
-  """Global [start, end) steps of each stage."""
-  bounds, start = [], 0
-  for stage in stages:
-    bounds.append((start, start + stage.num_steps))
-    start += stage.num_steps
-  return bounds
-
-
 def train(config, workdir, *, progress: bool = True) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
   workdir = pathlib.Path(workdir)
@@ -165,7 +118,7 @@ def train(config, workdir, *, progress: bool = True) -> dict:
 
   method = get_method(config)
   stages = method.training_stages(config)
-  bounds = stage_bounds(stages)
+  bounds = stages_lib.stage_bounds(stages)
   root = datasets.dataset_root(config)
   split_cache = {}
 
@@ -190,11 +143,8 @@ def train(config, workdir, *, progress: bool = True) -> dict:
     for stage, (begin, end) in zip(stages, bounds):
       if resume_step is not None and resume_step >= end and stage is not stages[-1]:
         continue  # finished before the interruption
-      if stage.make_batches:
-        make_batch = stage.make_batches(config, load_split)
-      else:
-        make_batch = make_batch_fn(config, load_split("train"))
-      optimizer = stage_optimizer(stage)
+      make_batch = stages_lib.stage_batches(stage, config, load_split)
+      optimizer = stages_lib.stage_optimizer(stage)
       example = sharding.put_batch(make_batch(begin), mesh)
       if state is None:
         state = jax.jit(
@@ -202,10 +152,9 @@ def train(config, workdir, *, progress: bool = True) -> dict:
             out_shardings=sharding.replicated(mesh))(example)
         if resume_step is not None:
           # The checkpoint holds the optimiser state of the stage it was written in.
-          saved_stage = next(i for i, (b, e) in enumerate(bounds) if resume_step <= e and
-                             (resume_step > b or i == 0))
-          if stages[saved_stage] is not stage:
-            abstract = dict(state, opt_state=stage_optimizer(stages[saved_stage]).init(
+          saved_stage = stages[stages_lib.stage_of_checkpoint(stages, resume_step)]
+          if saved_stage is not stage:
+            abstract = dict(state, opt_state=stages_lib.stage_optimizer(saved_stage).init(
                 state["params"]))
           else:
             abstract = state

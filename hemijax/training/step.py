@@ -22,11 +22,15 @@ def init_state(method, optimizer, key, example_batch) -> dict:
   }
 
 
-def make_train_step(loss_fn, optimizer, seed: int):
+def make_train_step(loss_fn, optimizer, seed: int, augment=None):
+  """`augment(key, batch) -> batch` (hemijax.nn.augment.make_augment), if given, runs first."""
   base_key = jax.random.key(seed)
 
   def train_step(state, batch):
     key = jax.random.fold_in(base_key, state["step"])
+    if augment is not None:
+      # Its own stream: the loss keeps `key`, so a run without augmentation draws what it drew.
+      batch = augment(jax.random.fold_in(key, 1), batch)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (metrics, model_state)), grads = grad_fn(
         state["params"], state["model_state"], batch, key, state["step"])

@@ -7,14 +7,12 @@ image inside the brain, on the preprocessed (normalised) intensities:
 
   PSNR = 10 log10(range^2 / MSE),  range = max - min of the real image t inside the brain.
 
-  python -m hemijax.synthesis --workdir runs/urn [--split test] [--out DIR] [--step best]
-
+`python evaluate.py --workdir runs/urn` (this method's evaluator, `synthesis_evaluator`)
 writes synthesis.csv (one row per case x subset x target), synthesis.json and synthesis.md (mean
 PSNR in dB per subset and target) to --out (default WORKDIR/eval).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -25,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hemijax import atomic, evaluation, inference
+from hemijax import atomic
+from hemijax.evaluation import report as evaluation
+from hemijax.inference import sliding_window as inference
 
 CSV_FIELDS = ("case_id", "subset", "target", "psnr", "mse")
 
@@ -84,7 +84,7 @@ def synthesis_psnr(predictor_or_pair, volumes, modalities=None, *, roi=None, ove
                    batch_size=4, progress=False) -> list[dict]:
   """Rows {case_id, subset, target, psnr, mse}: every held modality from every subset lacking it.
 
-  `predictor_or_pair`: a `hemijax.predictor.Predictor` or a `(method, variables)` pair.
+  `predictor_or_pair`: a `hemijax.inference.predictor.Predictor` or a `(method, variables)` pair.
   `volumes`: preprocessed `Volume`s (e.g. `datasets.load_split(config, "test")`); the brain mask of
   each is the region compared. `roi`: 3D window (default: the predictor config's evaluation window
   or patch; None with a pair: the whole volume).
@@ -180,43 +180,12 @@ def write_synthesis_report(out_dir, rows, modalities, title="Synthesis PSNR") ->
   return summary
 
 
-def evaluate_synthesis(workdir, *, split="test", out=None, step="best", progress=True) -> dict:
-  """The synthesis report of a trained workdir on its dataset's `split`."""
-  from hemijax.data import datasets
-  from hemijax.predictor import Predictor
-
-  workdir = pathlib.Path(workdir)
-  predictor = Predictor(workdir, step)
-  check_synthesis(predictor.method)
-  volumes = datasets.load_split(predictor.config, split)
+def synthesis_evaluator(predictor, volumes, out_dir, *, title, progress=True) -> dict:
+  """`evaluate.py`'s extra report for URN workdirs: synthesis.csv/.json/.md in `out_dir`."""
   rows = synthesis_psnr(predictor, volumes, predictor.modalities, progress=progress)
-  if not rows:
-    raise ValueError(f"synthesis: no {split} case holds two or more modalities")
-  out = pathlib.Path(out) if out else workdir / "eval"
-  summary = write_synthesis_report(out, rows, predictor.modalities,
-                                   title=f"{predictor.config.method}: synthesis PSNR ({split})")
-  summary["markdown"] = str(out / "synthesis.md")
-  return summary
-
-
-def main(argv=None):
-  parser = argparse.ArgumentParser(description="PSNR of every modality synthesised from every "
-                                               "subset that lacks it (URN workdirs).")
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--split", default="test", choices=("train", "val", "test"))
-  parser.add_argument("--out", default=None)
-  parser.add_argument("--step", default="best", help='"best", "latest" or a step number')
-  parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-  args = parser.parse_args(argv)
-  from hemijax import cli
-
-  def run():
-    summary = evaluate_synthesis(args.workdir, split=args.split, out=args.out, step=args.step,
-                                 progress=args.progress)
-    print(pathlib.Path(summary["markdown"]).read_text())
-
-  cli.run(run)
-
-
-if __name__ == "__main__":
-  main()
+  if not rows:  # no case holds two or more modalities
+    return {}
+  write_synthesis_report(out_dir, rows, predictor.modalities,
+                         title=f"synthesis PSNR, {title}")
+  path = str(pathlib.Path(out_dir) / "synthesis.md")
+  return {"synthesis": path, "report": path}

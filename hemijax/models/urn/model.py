@@ -4,7 +4,7 @@ Encoding: one U-Net encoder per modality (parameters stacked on a leading modali
 with vmap) maps its image to a `representation_channels`-channel map at input resolution, followed
 by a batch normalisation with fixed parameters (no learned scale or shift), so every encoder's
 output has zero mean and unit variance before fusion.
-Fusion: the generalised f-mean over the available modalities (`hemijax.fusion.masked_f_mean`;
+Fusion: the generalised f-mean over the available modalities (`hemijax.nn.fusion.masked_f_mean`;
 f = identity or exp); in pre-training the voxel-wise variance across the available encoders is a
 regularisation term (so the dropout keeps at least two modalities when it is used).
 Decoding: per-modality synthesis decoders (two residual blocks and a 1x1 convolution, no final
@@ -33,8 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from hemijax import atomic
-from hemijax import dropout as dropout_lib
-from hemijax import fusion, layers, losses
+from hemijax.nn import modality_dropout as dropout_lib
+from hemijax.nn import fusion
+from hemijax.nn import layers
+from hemijax.nn import losses
 from hemijax.data import preprocess, sampling
 from hemijax.data.tasks import check_modalities, get_task
 from hemijax.models import base, unet
@@ -299,16 +301,6 @@ def pretrain_batches(config, load_split):
   return make_batch
 
 
-def segmentation_batches(config, load_split):
-  """The config's patch sampler with steps counted from the start of the segmentation stage, so
-  its class-balanced phase covers the first `balanced_fraction` of this stage, as for U-Net."""
-  from hemijax.training import loop  # the loop imports the model registry
-
-  make_batch = loop.make_batch_fn(config, load_split("train"))
-  offset = int(config.pretrain.num_steps)
-  return lambda step: make_batch(step - offset)
-
-
 # ------------------------------------------------------------------------------------------------
 
 
@@ -354,8 +346,10 @@ def build(config) -> base.Method:
       # The segmentation decoder is untrained here: validating it would only add noise.
       base.Stage("pretrain", pretrain_loss(model, config), config.pretrain.num_steps,
                  config.pretrain.optimizer, make_batches=pretrain_batches, validate=False),
+      # Segmentation batches count from this stage's start, so its class-balanced phase covers
+      # the first `balanced_fraction` of this stage, as for U-Net.
       base.Stage("segmentation", seg_loss, config.train.num_steps, config.optimizer,
-                 make_batches=segmentation_batches),
+                 step_offset=int(config.pretrain.num_steps)),
   )
   multiple = max(unet.size_multiple(m.features), unet.size_multiple(m.encoder_features))
   return base.Method(name="urn", model=model, loss_fn=seg_loss, modalities=modalities,

@@ -16,12 +16,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from hemijax import inference
+from hemijax.inference import sliding_window as inference
 from hemijax.data import preprocess
 from hemijax.data.tasks import check_modalities, get_task
 from hemijax.models import get_method
 from hemijax.training import checkpoints
-from hemijax.training import step as step_lib
 
 
 def load_run(workdir, step="best"):
@@ -41,27 +40,19 @@ def load_run(workdir, step="best"):
   elif int(step) not in steps:
     raise checkpoints.CheckpointError(f"{workdir}/checkpoints: no step {step}; have {sorted(steps)}")
   m = len(method.modalities)
-  patch = tuple(config.data.patch_size)
-  dummy = {"image": jnp.zeros((1,) + patch + (m,), jnp.float32),
-           "modality_mask": jnp.ones((1, m), bool)}
-  # The checkpoint holds the optimiser state of the stage it was written in (as the loop resumes).
-  from hemijax.training import loop  # late: loop imports the model registry
-  stages = method.training_stages(config)
-  bounds = loop.stage_bounds(stages)
-  s = int(step)
-  saved = next((i for i, (b, e) in enumerate(bounds) if s <= e and (s > b or i == 0)),
-               len(stages) - 1)
-  optimizer = loop.stage_optimizer(stages[saved])
-  abstract = jax.eval_shape(
-      lambda b: step_lib.init_state(method, optimizer, jax.random.key(0), b), dummy)
+  image = jax.ShapeDtypeStruct((1,) + tuple(config.data.patch_size) + (m,), jnp.float32)
+  mask = jax.ShapeDtypeStruct((1, m), jnp.bool_)
+  abstract = jax.eval_shape(method.init, jax.random.key(0), image, mask)
   try:
-    state = checkpoints.restore(manager, int(step), abstract)
+    variables = checkpoints.restore_variables(manager, int(step), abstract)
   except (ValueError, KeyError) as e:
+    if isinstance(e, checkpoints.CheckpointError):
+      raise
     raise checkpoints.CheckpointError(
         f"{workdir}/checkpoints/{step}: does not match the saved config ({e})") from None
   finally:
     manager.close()
-  return config, method, {"params": state["params"], **state["model_state"]}
+  return config, method, variables
 
 
 class Predictor:
@@ -72,6 +63,13 @@ class Predictor:
     self.task = get_task(self.config.task)
     self.modalities = tuple(self.method.modalities)
     self._forward = inference.make_window_forward(self.method, self.variables)
+
+  def unnamed_inputs(self):
+    """The method's way of taking scans without modality names; an error if it has none."""
+    if self.method.unnamed_inputs is None:
+      raise ValueError(f"this {self.config.method!r} workdir needs named inputs "
+                       "(MODALITY=PATH, or a {modality: array} mapping)")
+    return self.method.unnamed_inputs
 
   def probabilities(self, volume: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """(S, X, Y, Z, C) probabilities of a preprocessed volume for each mask (S, M)."""
@@ -104,13 +102,11 @@ class Predictor:
   def predict(self, images, affine=None, return_probabilities=False):
     """Label map (dataset label values) in the input grid from a {modality: 3D array} mapping.
 
-    PIMMS workdirs also take a list of unnamed 3D scans; their classifier assigns the modalities.
+    Methods that take unnamed inputs (`Method.unnamed_inputs`) also take a list of 3D scans.
     """
     if isinstance(images, (list, tuple)):
-      from hemijax import unlabeled
-      unlabeled.check_unlabeled_config(self.config)
-      return unlabeled.predict_unlabeled(self, images, affine,
-                                         return_probabilities=return_probabilities)
+      return self.unnamed_inputs().predict(self, images, affine,
+                                           return_probabilities=return_probabilities)
     volume = self.preprocess(images, affine)
     classes, probs = self.predict_volume(volume, return_probabilities=True)
     labels = preprocess.class_ids_to_label_values(

@@ -1,11 +1,12 @@
 """Unlabeled scans with a PIMMS workdir: prediction from unnamed inputs and classifier accuracy.
 
-  from hemijax import load_predictor, unlabeled
+  from hemijax import load_predictor
+  from hemijax.models.pimms import unnamed_inputs as unlabeled
   predictor = load_predictor("runs/pimms_soft")
   labels = unlabeled.predict_unlabeled(predictor, [scan_a, scan_b])      # 3D arrays, any order
   unlabeled.predict_unlabeled_files(predictor, ["a.nii.gz", "b.nii.gz"], "seg.nii.gz")
 
-  python -m hemijax.unlabeled accuracy --workdir runs/pimms_soft [--data DIR] [--split test]
+  python evaluate.py --workdir runs/pimms_soft    # also writes classifier_accuracy.md/.json
 
 The scans are preprocessed together (one brain mask: voxels non-zero in any scan; crop;
 per-scan normalisation inside it), padded to `config.model.max_scans` masked scans, and segmented
@@ -16,7 +17,6 @@ measured on the windows the model sees at inference (axial slices for 2D models,
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import pathlib
@@ -25,9 +25,10 @@ import weakref
 import jax
 import numpy as np
 
-from hemijax import inference
+from hemijax.inference import sliding_window as inference
 from hemijax.data import io, preprocess
-from hemijax.models import pimms
+from hemijax import atomic
+from hemijax.models.pimms.model import pad_scans
 
 _FORWARDS = weakref.WeakKeyDictionary()  # predictor -> jitted forward over max_scans scan slots
 
@@ -100,7 +101,7 @@ def predict_unlabeled(predictor, scans, affine=None, return_probabilities=False,
     raise ValueError(f"{len(scans)} scans given; this model takes at most {max_scans} "
                      "(config.model.max_scans)")
   volume = preprocess_scans(scans, affine, config.data.target_spacing)
-  image, scan_mask = pimms.pad_scans(volume.image, volume.available, max_scans)
+  image, scan_mask = pad_scans(volume.image, volume.available, max_scans)
   method, forward = _slot_forward(predictor)
   e = config.eval
   probs = inference.predict_probabilities(
@@ -226,11 +227,6 @@ def classifier_report(method, variables, volumes, *, roi=None, overlap=0.5) -> d
           "modalities": list(method.modalities), "confusion": confusion.tolist()}
 
 
-def classifier_accuracy(method, variables, volumes, *, roi=None, overlap=0.5) -> float:
-  """Fraction of (window, present modality) pairs classified right (see `classifier_report`)."""
-  return classifier_report(method, variables, volumes, roi=roi, overlap=overlap)["window_accuracy"]
-
-
 def accuracy_markdown(report: dict, title: str) -> str:
   names = report["modalities"]
   lines = [f"### {title}", "",
@@ -244,53 +240,17 @@ def accuracy_markdown(report: dict, title: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-def workdir_accuracy(workdir, *, data=None, layout="auto", split="test", step="best") -> dict:
-  """`classifier_report` of a PIMMS workdir's checkpoint on a split of its (or another) dataset."""
-  from hemijax.data import datasets, layouts
-  from hemijax.predictor import Predictor
-
-  predictor = Predictor(workdir, step)
-  check_unlabeled_config(predictor.config)
+def classifier_evaluator(predictor, volumes, out_dir, *, title, progress=True) -> dict:
+  """`evaluate.py`'s extra report for PIMMS workdirs: the modality classifier's accuracy."""
+  del progress
   config = predictor.config
-  root = pathlib.Path(data) if data else datasets.dataset_root(config)
-  if not root.is_dir():
-    raise ValueError(f"--data: {root} is not a folder")
-  if layouts.read_splits(root) is None:
-    split = None
-  volumes = datasets.load_split(config, split, root=root, layout=layout)
   report = classifier_report(predictor.method, predictor.variables, volumes,
                              roi=config.eval.roi_size or config.data.patch_size,
                              overlap=config.eval.overlap)
-  report.update(workdir=str(workdir), data=str(root), split=split)
-  return report
-
-
-def main(argv=None):
-  from hemijax import cli
-
-  parser = argparse.ArgumentParser(prog="python -m hemijax.unlabeled",
-                                   description="PIMMS modality-classifier accuracy of a workdir.")
-  sub = parser.add_subparsers(dest="command", required=True)
-  acc = sub.add_parser("accuracy", help="classifier accuracy on a split")
-  acc.add_argument("--workdir", required=True)
-  acc.add_argument("--data", default=None, help="dataset folder (default: the run's data)")
-  acc.add_argument("--layout", default="auto")
-  acc.add_argument("--split", default="test", choices=("train", "val", "test"))
-  acc.add_argument("--step", default="best")
-  acc.add_argument("--out", default=None, help="JSON file to write the report to")
-  args = parser.parse_args(argv)
-
-  def run():
-    report = workdir_accuracy(args.workdir, data=args.data, layout=args.layout, split=args.split,
-                              step=args.step)
-    if args.out:
-      from hemijax import atomic
-      atomic.write_json(args.out, report)
-    print(accuracy_markdown(report, f"{pathlib.Path(args.workdir).name} on "
-                                    f"{pathlib.Path(report['data']).name} ({args.split})"))
-
-  cli.run(run)
-
-
-if __name__ == "__main__":
-  main()
+  out_dir = pathlib.Path(out_dir)
+  atomic.write_json(out_dir / "classifier_accuracy.json", report)
+  atomic.write_text(out_dir / "classifier_accuracy.md",
+                    accuracy_markdown(report, f"modality classifier, {title}"))
+  path = str(out_dir / "classifier_accuracy.md")
+  return {"classifier_accuracy": {k: report[k] for k in ("window_accuracy", "volume_accuracy")},
+          "classifier": path, "report": path}

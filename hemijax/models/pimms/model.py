@@ -35,8 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hemijax import dropout as dropout_lib
-from hemijax import layers, losses
+from hemijax.nn import modality_dropout as dropout_lib
+from hemijax.nn import layers
+from hemijax.nn import losses
 from hemijax.data.tasks import get_task
 from hemijax.models import base
 from hemijax.models.hemis import HeMIS
@@ -275,19 +276,6 @@ def make_segmentation_loss(model: PIMMS, config, with_classifier_term: bool,
   return loss_fn
 
 
-def stage_batches(step_offset: int) -> base.BatchesFn:
-  """The config's patch sampler with steps counted from `step_offset`, so a stage that starts
-  late gets the same batches (and balanced-sampling phase) as a one-stage run."""
-
-  def make_batches(config, load_split):
-    from hemijax.training import loop  # the loop imports the model registry: import late
-
-    make_batch = loop.make_batch_fn(config, load_split("train"))
-    return lambda step: make_batch(step - step_offset)
-
-  return make_batches
-
-
 def make_classifier_loss(model: PIMMS) -> base.LossFn:
   """Cross-entropy of f_mod on every available scan of the batch, in a random order."""
 
@@ -336,7 +324,7 @@ def build(config) -> base.Method:
                    config.classifier.optimizer, trainable=(CLASSIFIER,), validate=False),
         base.Stage("segmentation", make_segmentation_loss(model, config, False, offset),
                    config.train.num_steps, config.optimizer, trainable=(SEGMENTER,),
-                   make_batches=stage_batches(offset)),
+                   step_offset=offset),
     )
   return base.Method(name="pimms", model=model, loss_fn=loss_fn, modalities=modalities,
                      num_classes=task.num_classes, spatial_dims=len(config.data.patch_size),

@@ -36,7 +36,7 @@ import numpy as np
 from scipy import stats
 
 from hemijax import atomic
-from hemijax.metrics import HIGHER_IS_BETTER, METRIC_NAMES
+from hemijax.evaluation.metrics import HIGHER_IS_BETTER, METRIC_NAMES
 
 PRESENT, MISSING = "●", "○"
 MODALITY_DISPLAY = {"flair": "FLAIR", "t1": "T1", "t1ce": "T1ce", "t2": "T2"}

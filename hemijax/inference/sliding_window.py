@@ -18,7 +18,7 @@ from hemijax.models.base import Method
 
 
 def subset_masks(subsets, modalities) -> np.ndarray:
-  """(S, M) bool masks of modality-name subsets (see `hemijax.evaluation.all_subsets`)."""
+  """(S, M) bool masks of modality-name subsets (see `hemijax.evaluation.report.all_subsets`)."""
   masks = np.zeros((len(subsets), len(modalities)), bool)
   for i, subset in enumerate(subsets):
     masks[i] = [m in subset for m in modalities]

@@ -1,13 +1,26 @@
-"""File-level prediction (NIfTI in, NIfTI out) on top of `hemijax.predictor`."""
+"""File-level prediction (NIfTI in, NIfTI out) on top of `hemijax.inference.predictor`."""
 from __future__ import annotations
 
 import pathlib
 
-import numpy as np
 
 from hemijax.data import io, layouts, preprocess
 from hemijax.data.tasks import check_modalities
-from hemijax.predictor import Predictor
+from hemijax.inference.predictor import Predictor
+
+
+def parse_named_inputs(values) -> dict:
+  """['FLAIR=a.nii.gz', ...] -> {'flair': Path}; names are checked against the model later."""
+  inputs = {}
+  for value in values:
+    name, sep, path = value.partition("=")
+    name = name.strip().lower()  # one spelling before the duplicate check: t1= and T1= clash
+    if not sep or not name or not path:
+      raise ValueError(f"--input {value!r}: expected MODALITY=PATH, e.g. flair=a.nii.gz")
+    if name in inputs:
+      raise ValueError(f"--input: modality {name!r} given twice")
+    inputs[name] = pathlib.Path(path)
+  return inputs
 
 
 def predict_case(predictor: Predictor, case: layouts.CaseFiles, output, probabilities=None):
@@ -37,3 +50,11 @@ def predict_dataset(workdir, data, out, layout="auto", step="best") -> int:
   for case in cases:
     predict_case(predictor, case, out / f"{case.case_id}.nii.gz")
   return len(cases)
+
+
+def predict_unnamed_files(workdir, paths, output, probabilities=None, step="best") -> list:
+  """Segments scans given without modality names, for methods that take them
+  (`Method.unnamed_inputs`); returns [(path, modality, probability)] as the method assigned them."""
+  predictor = Predictor(workdir, step)
+  return predictor.unnamed_inputs().predict_files(predictor, paths, output,
+                                                   probabilities=probabilities)

@@ -1,7 +1,7 @@
 """Evaluating a trained workdir on every modality subset, in each case's original voxel grid.
 
 For each case the per-modality encoders run once and every subset is fused and decoded from the
-same features (`hemijax.inference`). A subset is evaluated on the cases that have all of its
+same features (`hemijax.inference.sliding_window`). A subset is evaluated on the cases that have all of its
 modalities. Results: cases.csv, summary.{md,json}, a Dice-by-subset bar chart and overlay PNGs.
 """
 from __future__ import annotations
@@ -11,9 +11,11 @@ import pathlib
 import numpy as np
 from tqdm import tqdm
 
-from hemijax import atomic, evaluation, inference, metrics, unlabeled
+from hemijax.evaluation import report as evaluation
+from hemijax.inference import sliding_window as inference
+from hemijax.evaluation import metrics
 from hemijax.data import datasets, io, layouts, preprocess
-from hemijax.predictor import Predictor
+from hemijax.inference.predictor import Predictor
 
 OVERLAY_CASES = 3
 COMPARED_DISTANCES = ("assd", "hd95")  # besides Dice: comparison_<metric>.md/.json
@@ -88,23 +90,13 @@ def evaluate_workdir(workdir, *, data=None, layout="auto", split="test", subsets
     evaluation.plot_overlays(out / f"overlay_{vol.case_id}.png", vol.image, to_values(vol.label),
                              {k: to_values(v) for k, v in preds.items()}, modalities,
                              label_values=task.label_values, class_names=task.class_names)
-  if hasattr(predictor.method.model, "synthesize"):  # URN: the synthesis table too
-    from hemijax import synthesis
-    synthesis_rows = synthesis.synthesis_psnr(predictor, volumes, modalities, progress=progress)
-    if synthesis_rows:
-      synthesis.write_synthesis_report(out, synthesis_rows, modalities,
-                                       title=f"{config.method}: synthesis PSNR ({split or 'all'})")
-      summary["synthesis"] = str(out / "synthesis.md")
-  if unlabeled.has_classifier(config):  # PIMMS: the modality classifier's accuracy on this split
-    report = unlabeled.classifier_report(predictor.method, predictor.variables, volumes,
-                                         roi=config.eval.roi_size or config.data.patch_size,
-                                         overlap=config.eval.overlap)
-    report.update(data=str(root), split=split)
-    atomic.write_json(out / "classifier_accuracy.json", report)
-    atomic.write_text(out / "classifier_accuracy.md", unlabeled.accuracy_markdown(
-        report, f"{workdir.name}: modality classifier on {root.name} ({split or 'all'})"))
-    summary["classifier_accuracy"] = {k: report[k] for k in ("window_accuracy", "volume_accuracy")}
-    summary["classifier"] = str(out / "classifier_accuracy.md")
+  reports = []
+  for evaluator in predictor.method.evaluators:  # the method's own reports (synthesis, ...)
+    entries = evaluator(predictor, volumes, out, title=f"{root.name} ({split or 'all'})",
+                        progress=progress)
+    if "report" in entries:
+      reports.append(entries.pop("report"))
+    summary.update(entries)
   if compare:
     methods_rows = [(f"{config.method} ({workdir.name})", rows)]
     for other in compare:
@@ -115,11 +107,13 @@ def evaluate_workdir(workdir, *, data=None, layout="auto", split="test", subsets
     comparison = evaluation.compare(methods_rows, modalities, regions, wilcoxon_method="auto")
     evaluation.write_comparison(out, comparison)
     summary["comparison"] = str(out / "comparison.md")
+    reports.append(summary["comparison"])
     # The surface distances side by side too (the papers report ASSD and HD95 beside Dice).
     for metric in COMPARED_DISTANCES:
       evaluation.write_comparison(
           out, evaluation.compare(methods_rows, modalities, regions, metric=metric,
                                   wilcoxon_method="auto"), name=f"comparison_{metric}")
+  summary["reports"] = reports
   evaluation.write_summary(out, summary, title=f"{config.method} on {root.name} ({split or 'all'})")
   return summary
 

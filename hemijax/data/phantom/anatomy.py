@@ -1,0 +1,121 @@
+"""Phantom anatomy: MNI152 tissue maps resampled once per spacing, and per-subject deformations.
+
+The template and GM/WM probability maps come from the installed nilearn wheel's package data
+(never downloaded).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from hemijax.data.phantom.acquisition import NORMAL_TISSUES
+from hemijax.data.phantom.random_fields import _rotation, smooth_field
+
+_TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
+_MARGIN_MM = 10.0        # field of view around the template brain: room for scaling and warps
+
+
+def _template_path(kind):
+  """Path of a template file inside the installed nilearn wheel (found without importing
+  nilearn, which would pull in scikit-learn and pandas)."""
+  spec = importlib.util.find_spec("nilearn")
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError("the MNI152 template comes from the nilearn package, which is not installed")
+  return os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data", _TEMPLATE.format(kind))
+
+
+def _load_template(kind):
+  path = _template_path(kind)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"MNI152 template {path} not found in the nilearn package")
+  img = nib.load(path)
+  return np.asarray(img.dataobj, dtype=np.float32) / 255.0, img.affine
+
+
+def _check_spacing(spacing):
+  spacing = float(spacing)
+  if not (math.isfinite(spacing) and 0.5 <= spacing <= 8.0):
+    raise ValueError(f"spacing (--spacing) must be between 0.5 and 8 mm, got {spacing}")
+  return spacing
+
+
+@functools.lru_cache(maxsize=4)
+def atlas(spacing: float = 2.0) -> dict:
+  """Tissue fractions (csf, gm, wm) of the MNI152 brain on an isotropic grid, plus helpers.
+
+  CSF is the brain mask minus GM and WM; where that remainder is bright on the template T1
+  (brainstem, which the GM/WM maps barely cover) it is counted as WM instead.
+  Returns read-only arrays; cached per spacing.
+  """
+  spacing = _check_spacing(spacing)
+  t1, affine = _load_template("t1")
+  gm, _ = _load_template("gm")
+  wm, _ = _load_template("wm")
+  mask = (t1 > 0.2).astype(np.float32)   # nilearn's own brain-mask threshold
+  rest = np.clip(mask - gm - wm, 0.0, 1.0)
+  # Template T1 of pure CSF / GM / WM is about 0.28 / 0.66 / 0.88: unmix the remainder.
+  rest_t1 = (t1 - 0.66 * gm - 0.88 * wm) / np.maximum(rest, 1e-3)
+  csf_share = np.where(rest > 0.05, np.clip((0.88 - rest_t1) / 0.60, 0.0, 1.0), 1.0)
+  maps = {"csf": rest * csf_share, "gm": gm, "wm": wm + rest * (1.0 - csf_share)}
+
+  # Grid: the brain's bounding box plus a margin, centred on it, in MNI world mm.
+  idx = np.argwhere(mask > 0)
+  lo = affine[:3, :3] @ idx.min(0) + affine[:3, 3] - _MARGIN_MM
+  hi = affine[:3, :3] @ idx.max(0) + affine[:3, 3] + _MARGIN_MM
+  shape = tuple(int(n) for n in np.ceil((hi - lo) / spacing).astype(int) + 1)
+  origin = (lo + hi) / 2 - (np.array(shape) - 1) / 2 * spacing
+  grid_affine = np.diag([spacing, spacing, spacing, 1.0])
+  grid_affine[:3, 3] = origin
+  # Template voxel coordinates of every grid voxel (the template affine is diagonal, 1 mm).
+  axes = [(origin[a] + spacing * np.arange(shape[a]) - affine[a, 3]) / affine[a, a] for a in range(3)]
+  coords = np.stack(np.meshgrid(*axes, indexing="ij")).astype(np.float32)
+  sigma = max(spacing - 1.0, 0.0) / 2.0   # anti-aliasing before downsampling
+  out = {}
+  for name, vol in maps.items():
+    if sigma > 0:
+      vol = ndimage.gaussian_filter(vol, sigma)
+    out[name] = ndimage.map_coordinates(vol, coords, order=1, mode="constant").astype(np.float32)
+
+  brain = (out["csf"] + out["gm"] + out["wm"]) > 0.5
+  depth = ndimage.distance_transform_edt(brain, sampling=spacing)
+  ventricles = (out["csf"] > 0.5) & (depth > 20.0)
+  out["ventricle_dist"] = ndimage.distance_transform_edt(~ventricles, sampling=spacing).astype(np.float32)
+  out["tumor_centers"] = np.argwhere((out["wm"] > 0.85) & (depth > 15.0))
+  out["center"] = np.argwhere(brain).mean(0)
+  out["affine"] = grid_affine
+  out["shape"] = shape
+  out["spacing"] = spacing
+  for v in out.values():
+    if isinstance(v, np.ndarray):
+      v.setflags(write=False)
+  return out
+
+
+def random_deformation(rng, atlas_):
+  """Template voxel coordinates (3, *shape) for each subject voxel: affine plus smooth warp."""
+  shape, spacing = atlas_["shape"], atlas_["spacing"]
+  center = atlas_["center"]
+  scale = rng.uniform(0.92, 1.08) * rng.uniform(0.96, 1.04, 3)
+  matrix = _rotation(rng, 6.0) @ np.diag(scale)
+  shift = rng.uniform(-3.0, 3.0, 3) / spacing
+  amplitude = rng.uniform(2.0, 4.0) / spacing     # mm of non-linear displacement
+  grid = np.indices(shape, dtype=np.float32) - center.astype(np.float32)[:, None, None, None]
+  coords = np.einsum("ij,j...->i...", matrix.astype(np.float32), grid)
+  for a in range(3):
+    coords[a] += center[a] + shift[a] + amplitude * smooth_field(rng, shape, spacing, 24.0)
+  return coords
+
+
+def _warp(volume, coords):
+  return ndimage.map_coordinates(volume, coords, order=1, mode="constant", output=np.float32)
+
+
+def brain_total(fractions):
+  """Summed normal-tissue fraction per voxel (about 1 inside the brain)."""
+  return sum(fractions[t] for t in NORMAL_TISSUES)

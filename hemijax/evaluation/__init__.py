@@ -1,0 +1,1 @@
+"""Evaluation: metrics, subsets, tables and statistics, plots, and evaluating a trained workdir."""

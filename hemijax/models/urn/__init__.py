@@ -1,0 +1,11 @@
+"""URN (Lau et al. 2019): the network, losses and stages (`model.py`) and its synthesis report."""
+import dataclasses
+
+from hemijax.models.urn import model
+from hemijax.models.urn.model import *  # noqa: F401,F403  (the method's public names)
+from hemijax.models.urn.synthesis import synthesis_evaluator
+
+
+def build(config):
+  """The URN `Method`, with the synthesis PSNR report among its evaluators."""
+  return dataclasses.replace(model.build(config), evaluators=(synthesis_evaluator,))
