@@ -23,8 +23,9 @@ from hemijax.models import get_method
 from hemijax.training import checkpoints
 
 
-def load_run(workdir, step="best"):
-  """(config, method, variables) of a workdir's checkpoint: "best", "latest" or a step number."""
+def load_run(workdir, step="best", return_step=False):
+  """(config, method, variables) of a workdir's checkpoint: "best", "latest" or a step number;
+  with `return_step`, also the step that was loaded."""
   workdir = pathlib.Path(workdir)
   config = ml_collections.ConfigDict(checkpoints.load_config_dict(workdir))
   method = get_method(config)
@@ -52,14 +53,15 @@ def load_run(workdir, step="best"):
         f"{workdir}/checkpoints/{step}: does not match the saved config ({e})") from None
   finally:
     manager.close()
-  return config, method, variables
+  return (config, method, variables, int(step)) if return_step else (config, method, variables)
 
 
 class Predictor:
   """A trained model ready for inference on volumes with any non-empty subset of modalities."""
 
   def __init__(self, workdir, step="best"):
-    self.config, self.method, self.variables = load_run(workdir, step)
+    # `step`: the checkpoint step actually loaded (reports name it).
+    self.config, self.method, self.variables, self.step = load_run(workdir, step, return_step=True)
     self.task = get_task(self.config.task)
     self.modalities = tuple(self.method.modalities)
     self._forward = inference.make_window_forward(self.method, self.variables)
