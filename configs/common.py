@@ -54,7 +54,7 @@ def base_config(method: str, task: str, preset: str) -> ml_collections.ConfigDic
 
 
 def add_augment(config: ml_collections.ConfigDict, preset: str) -> None:
-  """`config.augment` (hemijax.nn.augment): on in `paper` and `demo`, off in `smoke` (fast tests)."""
+  """`config.augment` (hemijax.nn.augment): on in `paper` and `demo`, off in `smoke` (tests)."""
   if preset not in PRESETS:
     raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
   config.augment = augment.default_config(enabled=preset != "smoke")

@@ -86,10 +86,12 @@ def _check_config(cfg: dict) -> None:
     if float(cfg[name]) < 0:
       _fail(name, f"must be >= 0, got {cfg[name]}")
   if float(cfg["elastic_sigma"]) <= 0:
-    _fail("elastic_sigma", f"must be > 0 (voxels between control points), got {cfg['elastic_sigma']}")
+    _fail("elastic_sigma", f"must be > 0 (voxels between control points), got "
+          f"{cfg['elastic_sigma']}")
   scale, shift = _pair(cfg, "scale_shift")
   if not (0.0 <= scale < 1.0 and shift >= 0.0):
-    _fail("scale_shift", f"needs (a, b) with 0 <= a < 1 and b >= 0, got {tuple(cfg['scale_shift'])}")
+    _fail("scale_shift", f"needs (a, b) with 0 <= a < 1 and b >= 0, got "
+          f"{tuple(cfg['scale_shift'])}")
   if any(a < 0 for a in cfg["flip_axes"]):
     _fail("flip_axes", f"must be spatial axis indices >= 0, got {tuple(cfg['flip_axes'])}")
 
@@ -213,7 +215,8 @@ def sample_coordinates(key, spatial: tuple[int, ...], cfg: dict) -> jax.Array:
     # Smooth displacements: random values on a coarse grid, upsampled (cheaper than a large blur).
     points = tuple(max(2, round(n / cfg["elastic_sigma"]) + 1) for n in spatial)
     on = jax.random.bernoulli(k_el_on, cfg["elastic_prob"])
-    coarse = jax.random.normal(k_el, (rank,) + points) * jnp.where(on, cfg["elastic_magnitude"], 0.0)
+    magnitude = jnp.where(on, cfg["elastic_magnitude"], 0.0)
+    coarse = jax.random.normal(k_el, (rank,) + points) * magnitude
     coords = coords + jax.image.resize(coarse, (rank,) + tuple(spatial), method="cubic")
   return coords
 
