@@ -1,12 +1,20 @@
 r"""Evaluates a trained workdir on every non-empty subset of its modalities.
 
-  python evaluate.py --workdir runs/hemis [--data DIR --layout auto] [--split test]
-      [--subsets all|flair+t1,t2] [--compare runs/unet ...] [--out DIR]
+  python evaluate.py --workdir runs/hemis [--data DIR --layout auto] [--split test|val|train|all]
+      [--subsets all|flair+t1,t2] [--step best|latest|N] [--compare runs/unet ...] [--out DIR]
 
-Writes cases.csv, summary.md/.json, dice_by_subset.png and overlays to --out (default WORKDIR/eval)
-and prints the Dice table, then any report the method adds (synthesis PSNR for methods with
-synthesis decoders, a modality classifier's accuracy). With --compare: comparison.md (Dice), comparison_assd.md and
-comparison_hd95.md, methods side by side with wins and Wilcoxon p-values against WORKDIR.
+Each case is scored on every subset of the modalities its files have (a subset needing a missing
+modality does not apply to it; the tables' n column counts the cases scored), and once more "as
+acquired", with all the modalities it has. A case without a label file is reported and left out.
+--split names a split of the dataset's splits.json or of the split file training recorded for it;
+a dataset with neither needs --split all (every case).
+
+Writes cases.csv, summary.md/.json, dice_by_subset.png and overlays to --out (default WORKDIR/eval;
+the folder is replaced as a whole) and prints the tables, then any report the method adds
+(synthesis PSNR, a modality classifier's accuracy). With --compare (workdirs of the same task,
+evaluated before on the same cases): comparison.md (Dice), comparison_assd.md and
+comparison_hd95.md, methods side by side with wins and Wilcoxon p-values against WORKDIR, paired
+over the cases both were scored on.
 """
 import argparse
 
@@ -14,27 +22,26 @@ from hemijax import cli
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--data", default=None, help="dataset folder (default: the run's data)")
   parser.add_argument("--layout", default="auto",
                       choices=("auto", "brats2018", "brats", "nnunet", "manifest"))
-  parser.add_argument("--split", default="test", choices=("train", "val", "test"))
-  parser.add_argument("--subsets", default="all")
+  parser.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
+  parser.add_argument("--subsets", default="all", help='"all" or subsets such as flair+t1,t2')
   parser.add_argument("--compare", nargs="*", default=(), metavar="OTHER_WORKDIR")
   parser.add_argument("--out", default=None)
   parser.add_argument("--step", default="best", help='"best", "latest" or a step number')
   args = parser.parse_args()
 
   def run():
-    from hemijax.evaluation import report as evaluation
-    from hemijax.evaluation.evaluate import evaluate_workdir
+    from hemijax.evaluation.evaluate import checkpoint_step, evaluate_workdir
 
     summary = evaluate_workdir(args.workdir, data=args.data, layout=args.layout,
                                split=args.split, subsets=args.subsets, out=args.out,
-                               compare=args.compare, step=args.step)
-    print(evaluation.summary_markdown(summary, title=f"{summary['method']}: Dice by subset"))
-    for report in summary["reports"]:  # the method's own reports, then the comparison
+                               compare=args.compare, step=checkpoint_step(args.step))
+    for report in summary["reports"]:  # the summary, the method's own reports, the comparison
       print(open(report).read())
 
   cli.run(run)

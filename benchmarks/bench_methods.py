@@ -67,8 +67,7 @@ def build_cases(spec: str):
     infer = lambda method=method, variables=variables, volume=volume, forward=forward, \
         config=config: inference.predict_probabilities(
             method, variables, volume.image, volume.available[None],
-            roi=config.eval.roi_size or config.data.patch_size, overlap=config.eval.overlap,
-            batch_size=config.eval.sw_batch_size, forward=forward)
+            inference.WindowSettings.from_config(config), forward=forward)
     infer_cases[impl] = (infer, ())
   return stages, infer_cases, int(np.prod(volume.image.shape[:3]))
 

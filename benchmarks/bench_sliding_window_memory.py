@@ -23,7 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import compiled_memory  # noqa: E402
-from hemijax.evaluation import report as evaluation
+from hemijax.evaluation import subsets as evaluation
 from hemijax.inference import sliding_window as inference  # noqa: E402
 from hemijax.models import get_method  # noqa: E402
 from configs import hemis as hemis_config  # noqa: E402
@@ -64,8 +64,9 @@ def main(argv=None):
   xla = compiled_memory(jax.jit(lambda v, w, m: inference.make_window_forward(method, v)(w, m)),
                         variables, windows, masks)
   start = time.perf_counter()
-  probs = inference.predict_probabilities(method, variables, volume, masks, roi=roi, overlap=0.5,
-                                          batch_size=args.batch, forward=forward)
+  probs = inference.predict_probabilities(
+      method, variables, volume, masks,
+      inference.WindowSettings(roi=roi, overlap=0.5, batch_size=args.batch), forward=forward)
   seconds = time.perf_counter() - start
   peak = max_rss_bytes()
   print(f"# bench_sliding_window_memory: volume {len(modalities)} x {shape}, roi {roi}, "

@@ -23,7 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import load_config, time_interleaved  # noqa: E402
-from hemijax.evaluation import report as evaluation
+from hemijax.evaluation import subsets as evaluation
 from hemijax.inference import sliding_window as inference  # noqa: E402
 from hemijax.models import get_method  # noqa: E402
 
@@ -55,8 +55,9 @@ def main(argv=None):
   def run(share):
     forward = inference.make_window_forward(method, variables, share_encoder=share)
     return lambda: inference.predict_probabilities(
-        method, variables, volume, masks, roi=roi, overlap=config.eval.overlap,
-        batch_size=config.eval.sw_batch_size, forward=forward)
+        method, variables, volume, masks, inference.WindowSettings(
+            roi=roi, overlap=config.eval.overlap, batch_size=config.eval.sw_batch_size),
+        forward=forward)
 
   shared, independent = run(True), run(False)
   np.testing.assert_allclose(shared(), independent(), atol=1e-4)  # also the warm-up (compiles)

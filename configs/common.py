@@ -1,4 +1,11 @@
-"""Fields every method's config shares; each method file fills in model, loss, dropout, optimiser."""
+"""Fields every method's config shares; each method file fills in model, loss, dropout, optimiser.
+
+Presets: `get_config("demo")` is a base preset (paper | demo | smoke); a method with variants
+applies one on top, named after an underscore (`demo_dropout`, `smoke_hard`): `config_with_variant`.
+"""
+import functools
+from typing import Callable
+
 import ml_collections
 
 from hemijax.data.tasks import get_task
@@ -30,12 +37,18 @@ def base_config(method: str, task: str, preset: str) -> ml_collections.ConfigDic
       phantom_test_protocol=ml_collections.FieldReference(None, field_type=str),
       phantom_lesions=False,      # tissue task: also label lesions (class 4)
       phantom_modalities=ml_collections.FieldReference(None, field_type=tuple),  # None: all
-      cache_dir=".cache/hemijax",
+      # None: $HEMIJAX_CACHE, else ~/.cache/hemijax; made absolute and recorded when a run starts.
+      cache_dir=ml_collections.FieldReference(None, field_type=str),
+      # None: the dataset's splits.json, else a seeded split written to WORKDIR/splits.json.
+      splits_file=ml_collections.FieldReference(None, field_type=str),
       target_spacing=ml_collections.FieldReference(None, field_type=float),
       patch_size=(64, 64),
       batch_size={"paper": 32, "demo": 8, "smoke": 2}[preset],
       sampling="uniform",
       balanced_fraction=0.0,
+      # The batch is drawn as this many independently keyed shares (hemijax.training.sharding);
+      # None: one per process, recorded when the run starts.
+      batch_shares=ml_collections.FieldReference(None, field_type=int),
   ))
   config.train = ml_collections.ConfigDict(dict(
       num_steps=1000,
@@ -58,3 +71,54 @@ def add_augment(config: ml_collections.ConfigDict, preset: str) -> None:
   if preset not in PRESETS:
     raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
   config.augment = augment.default_config(enabled=preset != "smoke")
+
+
+# A named variant: edits applied on top of a base preset's config.
+Variant = Callable[[ml_collections.ConfigDict], None]
+
+
+def config_with_variant(preset: str, config_file: str,
+                        preset_config: Callable[[str], ml_collections.ConfigDict],
+                        variants: dict[str, Variant], default: str) -> ml_collections.ConfigDict:
+  """`preset_config(base)` with the named variant applied on top: "demo" is the demo preset with
+  the `default` variant, "demo_hard" the demo preset with variant "hard"."""
+  base, _, variant = preset.partition("_")
+  variant = variant or default
+  if base not in PRESETS or variant not in variants:
+    choices = [p if name == default else f"{p}_{name}" for p in PRESETS for name in variants]
+    raise ValueError(f"{config_file}: unknown preset {preset!r}; choose one of {choices}")
+  config = preset_config(base)
+  variants[variant](config)
+  config.preset = preset
+  return config
+
+
+def recorded_variants(*names: str) -> dict[str, Variant]:
+  """Variants that set `config.variant` alone: the method's build() reads it."""
+  return {name: functools.partial(_set_variant, name) for name in names}
+
+
+def _set_variant(name: str, config: ml_collections.ConfigDict) -> None:
+  config.variant = name
+
+
+def optimizer(name: str, learning_rate: float, *, weight_decay: float = 0.0,
+              schedule: str = "constant", warmup_steps: int = 0,
+              **extra) -> ml_collections.ConfigDict:
+  """An optimiser section (hemijax.training.optim); `extra`: momentum, nesterov, power."""
+  return ml_collections.ConfigDict(dict(
+      name=name, learning_rate=learning_rate, weight_decay=weight_decay, schedule=schedule,
+      warmup_steps=warmup_steps, **extra))
+
+
+def truncated_geometric_dropout(theta: float, min_kept: int = 1) -> ml_collections.ConfigDict:
+  """Modality dropout that drops a truncated geometric number of modalities (U-Net, URN)."""
+  return ml_collections.ConfigDict(dict(name="truncated_geometric", theta=theta,
+                                        min_kept=min_kept))
+
+
+def curriculum_dropout(warmup_steps: int, drop_count_probs) -> ml_collections.ConfigDict:
+  """All modalities for `warmup_steps`, then k dropped with P(k) = drop_count_probs[k] (HeMIS,
+  PIMMS)."""
+  return ml_collections.ConfigDict(dict(name="curriculum", warmup_steps=warmup_steps,
+                                        drop_count_probs=tuple(drop_count_probs)))

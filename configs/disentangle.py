@@ -3,9 +3,11 @@ r"""Feature disentanglement with gated fusion (Chen et al. 2019) on the built-in
   python train.py --config configs/disentangle.py --workdir runs/disentangle
   python evaluate.py --workdir runs/disentangle --compare runs/hemis
 
-Presets: `paper` (16 channels first, 80^3 patches, batch 1, Adam 1e-4), `demo` (default; 8 channels
-first, 32^3 patches of the phantom resampled to 4 mm, batch 2, Adam 1e-3, 600 steps), `smoke`
-(seconds, for tests): `--config configs/disentangle.py:smoke`.
+Presets: `paper` (16 channels first, 80^3 patches, batch 1, Adam 1e-4, the paper's reconstruction
+decoder: 4 residual blocks then upsampling + conv layers), `demo` (default; 8 channels first, 32^3
+patches of the phantom resampled to 4 mm, batch 2, Adam 1e-3, 600 steps, the lighter conv + AdaIN
+reconstruction decoder), `smoke` (seconds, for tests). L_rec and L_KL are sums over the modalities
+(Eqs. 1 and 3; `--config.loss.modality_reduction=mean` averages them): `--config configs/disentangle.py:smoke`.
 
 Ablation (the paper's Fig. 3a), three config overrides of the same preset:
 
@@ -34,15 +36,19 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
       appearance_strides=(1, 2, 2, 2, 2),
       appearance_size=8,                    # the Gaussian appearance code
       negative_slope=0.01,
+      # D^r: "residual" (the paper's: 4 residual blocks, then upsampling + conv layers, AdaIN) or
+      # "conv" (conv + AdaIN per scale; lighter, the demo's and smoke's).
+      reconstruction_decoder="residual", reconstruction_blocks=4,
       conv_impl="auto"))
-  # L = Dice + CE (per-batch weights 1 - n_c / n) + 0.1 L_rec + 0.1 L_KL.
+  # L = Dice + CE (per-batch weights 1 - n_c / n) + 0.1 L_rec + 0.1 L_KL; L_rec and L_KL are sums
+  # over the modalities as in the paper's Eqs. 1 and 3 (modality_reduction="mean": averages).
   config.loss = ml_collections.ConfigDict(dict(
-      dice_weight=1.0, ce_weight=1.0, reconstruction_weight=0.1, kl_weight=0.1))
+      dice_weight=1.0, ce_weight=1.0, reconstruction_weight=0.1, kl_weight=0.1,
+      modality_reduction="sum"))
   # Each available modality's content is dropped with probability 0.5, at least one kept.
   config.dropout = ml_collections.ConfigDict(dict(name="bernoulli", p=0.5))
   # Adam 1e-4 with (1 - t / T) ** 0.9; the paper decays per epoch, here t counts steps.
-  config.optimizer = ml_collections.ConfigDict(dict(
-      name="adam", learning_rate=1e-4, schedule="poly", power=0.9, warmup_steps=0))
+  config.optimizer = common.optimizer("adam", 1e-4, schedule="poly", power=0.9)
   config.data.patch_size = (80, 80, 80)
   config.data.batch_size = 1
   config.data.sampling = "uniform"          # random patches in the brain
@@ -50,7 +56,8 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   config.train.num_steps = 50000
 
   if preset == "demo":
-    config.model.update(content_features=(8, 16, 32, 64), appearance_features=(8, 16, 16, 16, 16))
+    config.model.update(content_features=(8, 16, 32, 64), appearance_features=(8, 16, 16, 16, 16),
+                        reconstruction_decoder="conv")
     # Resampled to 4 mm, a 32^3 patch holds most of a phantom brain; metrics are computed on the
     # 2 mm label maps after mapping the predictions back.
     config.data.target_spacing = 4.0
@@ -65,7 +72,8 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     # Two scales, two appearance convolutions and XLA's convolution: at these sizes the run is
     # all compilation.
     config.model.update(content_features=(2, 4), appearance_features=(2, 2),
-                        appearance_strides=(1, 2), appearance_size=2, conv_impl="xla")
+                        appearance_strides=(1, 2), appearance_size=2, conv_impl="xla",
+                        reconstruction_decoder="conv")
     config.optimizer.learning_rate = 1e-3
     config.data.patch_size = (16, 16, 16)
     config.data.batch_size = 2

@@ -15,8 +15,14 @@ pick the checkpoint). Variants (the same network):
   ... --config.variant=tissue_only                              # tissue set only (tissue classes)
   ... --config.variant=lesion_only                              # lesion set only (lesion vs not)
 
+(or as presets: `--config configs/joint.py:demo_tissue_only`, `:demo_lesion_only`).
+
+The tissue_only baseline reads T1 only (its network ignores FLAIR at training and evaluation), so a
+T1 + FLAIR input gives its T1-only prediction. The loss is Eq. 6 of the paper for every term
+(`config.loss.jaccard_form`, `config.loss.consistency_form`).
+
 Presets: `paper` (HighResNet 16/32/64 features, 3 blocks per stage, Adam lr 5e-3, consistency
-term from step 5000), `demo` (default; sized for 2 CPU cores: 4 mm phantoms, a small network,
+term from step 5000, 120 x 120 x 40 patches, one from each training set per step), `demo` (default; sized for 2 CPU cores: 4 mm phantoms, a small network,
 24^3 patches, Adam lr 1e-3 with cosine decay, 800 steps), `smoke` (seconds, for tests):
 `--config configs/joint.py:smoke`.
 """
@@ -24,11 +30,13 @@ import ml_collections
 
 from configs import common
 
+VARIANTS = common.recorded_variants("joint", "tissue_only", "lesion_only")
 
-def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
+
+def preset_config(preset: str) -> ml_collections.ConfigDict:
+  """A base preset's config (the variant is applied on top)."""
   config = common.base_config(method="joint", task="tissue", preset=preset)
   common.add_augment(config, preset)
-  config.variant = "joint"   # "joint" | "tissue_only" | "lesion_only"
   config.model = ml_collections.ConfigDict(dict(
       features=(16, 32, 64), dilations=(1, 2, 4), blocks_per_stage=3,
       modality_stages=1,     # leading stages run per modality, then the masked mean
@@ -36,15 +44,19 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
       space_to_batch=True))  # dilated convolutions as dilation-1 ones on sub-grids (same numbers)
   # consistency_stop_gradient: no gradient through the target h(T1) of R^t_1 (not in the issue; the
   # literal term, False, can also lower it by shrinking a small class in both predictions).
+  # jaccard_form (lesion and tissue terms) and consistency_form (R^t_1): "eq6" is the paper's Eq. 6,
+  # sum g p / sum (g^2 + p^2 - g p); "soft_union" (sum g p / sum (g + p - g p)) and "min_max"
+  # (sum min / sum max) are the other readings (hemijax.nn.losses.probabilistic_jaccard).
   config.loss = ml_collections.ConfigDict(dict(consistency_weight=1.0, consistency_start=5000,
-                                               consistency_stop_gradient=False))
-  config.optimizer = ml_collections.ConfigDict(dict(
-      name="adam", learning_rate=5e-3, schedule="constant", warmup_steps=0))
+                                               consistency_stop_gradient=False,
+                                               jaccard_form="eq6", consistency_form="eq6"))
+  config.optimizer = common.optimizer("adam", 5e-3)
   # The run's data: the fully annotated evaluation set (validation and evaluate.py use it).
   config.data.phantom_lesions = True
-  # Patch, batch size and step count are our choices (not given in the issue).
-  config.data.patch_size = (64, 64, 64)
-  config.data.batch_size = 2          # per training set: each step takes one batch from each
+  # The paper's 120 x 120 x 40 patches, one image from each training set per step; the step count
+  # is our choice.
+  config.data.patch_size = (120, 120, 40)
+  config.data.batch_size = 1          # per training set: each step takes one batch from each
   # The task-specific training sets (phantoms; `root` takes a user's folder instead).
   subjects = config.data.phantom_subjects
   config.data.tissue_set = ml_collections.ConfigDict(dict(
@@ -73,3 +85,7 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     config.loss.consistency_start = 2
     config.train.num_steps = 4
   return config
+
+
+def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
+  return common.config_with_variant(preset, "configs/joint.py", preset_config, VARIANTS, "joint")

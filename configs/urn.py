@@ -6,9 +6,12 @@ r"""Unified representation network (URN) on the built-in tumour phantom, 2D slic
 One command runs both stages: pre-training by cross-modality synthesis (`pretrain.num_steps`,
 encoders + synthesis decoders, dropout theta = 0.8, pooled tumour + healthy T1/T2 phantoms), then
 segmentation (`train.num_steps`, the segmentation decoder on the frozen encoders, theta = 0.5).
+Variants: the default `md_pooled` ("URN + MD with pooled healthy data", the two stages above) and
+`md` ("URN + MD": `paper_md`, `demo_md`, `smoke_md`; no pre-training, encoders trained end to end
+on segmentation).
 Presets: `paper` (the paper's settings: 16-channel representation, variance weight 1e-4, Adam with
-lr 3e-5 for pre-training and 1e-4 for segmentation, batch size 4), `demo` (default; minutes on 2 CPU
-cores), `smoke` (seconds, for tests). f = exp instead of the arithmetic mean:
+lr 3e-5 for pre-training and 1e-4 for segmentation, batch size 4, cross-entropy alone for
+segmentation), `demo` (default; minutes on 2 CPU cores), `smoke` (seconds, for tests). f = exp instead of the arithmetic mean:
 `--config.model.f_mean=exp`; no variance term: `--config.pretrain.variance_weight=0
 --config.pretrain.dropout.min_kept=1`.
 """
@@ -18,23 +21,21 @@ from configs import common
 from configs import unet as unet_config
 
 
-def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
-  if preset not in common.PRESETS:
-    raise ValueError(f"unknown preset {preset!r}; choose one of {common.PRESETS}")
-  config = unet_config.get_config(preset)   # data, segmentation loss and optimiser of the baseline
+def preset_config(preset: str) -> ml_collections.ConfigDict:
+  """A base preset's config: the "md_pooled" variant's settings."""
+  # Data, segmentation loss, optimiser and model settings of the baseline U-Net: `features` etc.
+  # are the segmentation decoder's.
+  config = unet_config.preset_config(preset)
   config.method = "urn"
-  # `features` etc.: the segmentation decoder, the baseline U-Net.
-  config.model = unet_config.unet_model(preset)
   config.model.update(dict(encoder_features=tuple(config.model.features),
                            representation_channels=16, synthesis_blocks=2, f_mean="identity"))
-  config.dropout = unet_config.modality_dropout(0.5)                 # segmentation fine-tuning
+  config.dropout = common.truncated_geometric_dropout(0.5)          # segmentation fine-tuning
   config.pretrain = ml_collections.ConfigDict(dict(
       num_steps=20000,   # ours, not the paper's
       batch_size=4,
       variance_weight=1e-4,   # of the voxel-wise variance across the encoders' outputs
-      dropout=unet_config.modality_dropout(0.8, min_kept=2).to_dict(),
-      optimizer=dict(name="adam", learning_rate=3e-5, weight_decay=0.0, schedule="constant",
-                     warmup_steps=0),
+      dropout=common.truncated_geometric_dropout(0.8, min_kept=2).to_dict(),
+      optimizer=common.optimizer("adam", 3e-5).to_dict(),
       # The healthy phantom pooled with the task's training volumes for pre-training.
       healthy_subjects=30,
       healthy_modalities=("t1", "t2"),
@@ -49,3 +50,17 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     config.pretrain.update(num_steps=3, batch_size=2, healthy_subjects=2)
     config.pretrain.optimizer.update(learning_rate=1e-3)
   return config
+
+
+def without_pretraining(config: ml_collections.ConfigDict) -> None:
+  """"URN + MD": no pre-training stage; encoders trained end to end on segmentation."""
+  config.variant = "md"
+  config.pretrain.num_steps = 0
+
+
+VARIANTS = {**common.recorded_variants("md_pooled"), "md": without_pretraining}
+
+
+def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
+  return common.config_with_variant(preset, "configs/urn.py", preset_config, VARIANTS,
+                                    "md_pooled")

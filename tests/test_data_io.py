@@ -162,3 +162,17 @@ def test_write_directory_renames_only_a_complete_folder(tmp_path):
   atomic.write_directory(tmp_path / "set", lambda folder: (folder / "b.txt").write_text("b"))
   assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["a.txt"]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+
+def test_degenerate_affine_is_refused_naming_the_file(tmp_path):
+  flat = AFFINE.copy()
+  flat[:3, 2] = 0.0  # the third voxel axis has no length: no orientation, no spacing
+  img = nib.Nifti1Image(np.ones((3, 3, 2), np.float32), None)
+  img.header.set_sform(flat, code=1)
+  img.header.set_qform(None, code=0)
+  path = tmp_path / "flat.nii.gz"
+  nib.save(img, str(path))
+  assert np.allclose(nib.load(str(path)).affine, flat)
+  with pytest.raises(DataError, match="degenerate affine") as e:
+    load_nifti(path)
+  _assert_names(e, path)

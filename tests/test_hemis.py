@@ -4,6 +4,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from hemijax.models import base
@@ -35,12 +36,14 @@ def test_one_compilation_serves_all_15_subsets(model_and_params):
     traces.append(1)
     return model.apply(variables, image, mask)
 
+  outputs = []
   for subset in subsets(M):
     mask = np.zeros((2, M), bool)
     mask[:, list(subset)] = True
-    jax.block_until_ready(forward(variables, image, jnp.asarray(mask)))
-  assert len(subsets(M)) == 15
+    outputs.append(np.asarray(forward(variables, image, jnp.asarray(mask))))
   assert len(traces) == 1
+  # 15 different computations, not one reused: each subset gives logits of its own.
+  assert len({out.tobytes() for out in outputs}) == 15
 
 
 @pytest.mark.parametrize("subset", subsets(M))
@@ -84,3 +87,125 @@ def test_boundary_validation_errors():
     base.check_modality_mask(np.ones((2, 3), bool), 2)
   with pytest.raises(ValueError, match="shape"):
     base.check_image(np.ones((2, 8, 8, 3)), 4, 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# The paper's training: lr decay, two phases
+
+from configs import hemis as hemis_config
+from hemijax.models import hemis
+from hemijax.training import optim
+from hemijax.training import stages as stages_lib
+
+
+def test_inverse_time_schedule_is_keras_sgd_decay():
+  cfg = {"learning_rate": 1e-3, "schedule": "inverse_time", "decay_rate": 1e-4}
+  schedule = jax.jit(optim.make_schedule(cfg, 100))
+  steps = np.array([0, 1, 10, 5000, 20000, 123456])
+  expected = 1e-3 / (1.0 + 1e-4 * steps)   # Keras: lr * 1 / (1 + decay * iterations)
+  np.testing.assert_allclose([float(schedule(s)) for s in steps], expected, rtol=1e-6)
+  # A later stage's optimiser continues the decay from the updates made before it.
+  later = jax.jit(optim.make_schedule(dict(cfg, start_step=20000), 100))
+  np.testing.assert_allclose([float(later(s)) for s in steps], 1e-3 / (1.0 + 1e-4 * (steps + 20000)),
+                             rtol=1e-6)
+
+
+def test_paper_preset_decays_the_learning_rate_not_the_weights():
+  opt = hemis_config.get_config("paper").optimizer
+  assert (opt.name, opt.schedule, opt.decay_rate, opt.weight_decay) == ("sgd", "inverse_time",
+                                                                        1e-4, 0.0)
+  assert opt.momentum == 0.9 and opt.nesterov
+
+
+def test_inverse_frequency_weights_give_each_present_class_equal_total_weight():
+  labels = jnp.array([[0, 0, 0, 0, 0, 0, 1, 1, 2, 0]])
+  valid = jnp.array([[1, 1, 1, 1, 1, 1, 1, 1, 1, 0]], bool)
+  weights = np.asarray(hemis.inverse_frequency_weights(labels, 4, valid))
+  np.testing.assert_allclose(weights, [1 / 6, 1 / 2, 1, 0])   # class 3 absent: weight 0
+  per_voxel = weights[np.asarray(labels)] * np.asarray(valid)
+  totals = [per_voxel[np.asarray(labels) == c].sum() for c in range(3)]
+  np.testing.assert_allclose(totals, [1, 1, 1])
+
+
+def two_phase_config(final_steps=3):
+  config = hemis_config.get_config("smoke")
+  config.train.final_layer_steps = final_steps
+  return config
+
+
+def test_one_phase_unless_final_layer_steps():
+  method = hemis.build(hemis_config.get_config("smoke"))
+  assert [s.name for s in method.training_stages(hemis_config.get_config("smoke"))] == ["train"]
+  assert hemis.build(hemis_config.get_config("paper")).stages[1].trainable == ("classifier",)
+
+
+def test_two_phase_stages_sampling_and_trainable(monkeypatch):
+  config = two_phase_config()
+  stages = hemis.build(config).training_stages(config)
+  assert [(s.name, s.num_steps, s.trainable) for s in stages] == [
+      ("balanced", config.train.num_steps, None), ("final_layer", 3, ("classifier",))]
+  assert stages[1].optimizer["start_step"] == config.train.num_steps
+  assert "start_step" not in stages[0].optimizer
+  seen = []
+  monkeypatch.setattr(hemis.sampling, "make_patch_batches", lambda cfg, volumes: seen.append(
+      (cfg.data.sampling, cfg.data.balanced_fraction)))
+  for stage in stages:
+    stage.make_batches(config, lambda split: [])
+  assert seen == [("balanced", 1.0), ("uniform", 1.0)]
+  assert config.data.sampling == "balanced" and config.data.balanced_fraction == 0.5  # untouched
+
+
+def synthetic_batch(num_modalities=4):
+  image = jax.random.normal(jax.random.key(3), (2, 32, 32, num_modalities))
+  label = (image[..., 0] > 1.0).astype(jnp.int32) + (image[..., 1] > 1.5).astype(jnp.int32)
+  return {"image": image, "modality_mask": jnp.ones((2, num_modalities), bool), "label": label,
+          "valid": jnp.ones((2, 32, 32), bool)}
+
+
+def test_balanced_loss_weights_the_rare_class_up():
+  config = two_phase_config()
+  method = hemis.build(config)
+  batch = synthetic_batch(len(config.modalities))
+  params = method.init(jax.random.key(0), batch["image"], batch["modality_mask"])["params"]
+  balanced, plain = method.training_stages(config)[0].loss_fn, method.loss_fn
+  _, (metrics, _) = balanced(params, {}, batch, jax.random.key(1), 0)
+  _, (plain_metrics, _) = plain(params, {}, batch, jax.random.key(1), 0)
+  assert not np.isclose(metrics["cross_entropy"], plain_metrics["cross_entropy"])
+
+
+def test_final_layer_phase_changes_only_the_final_layer():
+  config = two_phase_config()
+  method = hemis.build(config)
+  stage = method.training_stages(config)[1]
+  batch = synthetic_batch(len(config.modalities))
+  params = method.init(jax.random.key(0), batch["image"], batch["modality_mask"])["params"]
+  assert set(params) > {"classifier"}
+  opt = stages_lib.stage_optimizer(stage)
+  opt_state = opt.init(params)
+  new = params
+  for step in range(3):
+    grads, _ = jax.grad(stage.loss_fn, has_aux=True)(new, {}, batch, jax.random.key(step), step)
+    updates, opt_state = opt.update(grads, opt_state, new)
+    new = optax.apply_updates(new, updates)
+  for name in params:
+    changed = [not np.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(params[name]), jax.tree.leaves(new[name]))]
+    assert all(changed) if name == "classifier" else not any(changed), name
+
+
+def test_two_phase_smoke_run_trains_only_the_final_layer_in_phase_two(tmp_path):
+  from hemijax.inference.predictor import load_run
+  from hemijax.training import loop
+  from model_helpers import metrics_records, smoke_training_config
+
+  config = smoke_training_config(hemis_config)
+  config.train.update(num_steps=2, final_layer_steps=2, keep_checkpoints=4, checkpoint_every=2,
+                      eval_every=2)
+  loop.train(config, tmp_path, progress=False)
+  assert [(r["step"], r["stage"]) for r in metrics_records(tmp_path) if r["split"] == "train"] == [
+      (1, "balanced"), (2, "balanced"), (3, "final_layer"), (4, "final_layer")]
+  _, _, end_of_phase_one = load_run(tmp_path, step=2)
+  _, _, end = load_run(tmp_path, step=4)
+  for name, before in end_of_phase_one["params"].items():
+    pairs = zip(jax.tree.leaves(before), jax.tree.leaves(end["params"][name]))
+    assert any(not np.array_equal(a, b) for a, b in pairs) == (name == hemis.FINAL_LAYER), name

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hemijax.evaluation import report as evaluation
+from hemijax.evaluation import subsets as evaluation
 from hemijax.inference import sliding_window as inference
 from hemijax.models import base
 from hemijax.models.hemis import HeMIS
@@ -42,11 +42,10 @@ def test_shared_encoding_equals_independent_forwards_3d():
   method, variables = make_method(3)
   volume = np.asarray(jax.random.normal(jax.random.key(1), (11, 9, 10, 3)))
   masks = inference.subset_masks(evaluation.all_subsets(("a", "b", "c")), ("a", "b", "c"))
-  shared = inference.predict_probabilities(method, variables, volume, masks, roi=(6, 6, 6),
-                                           overlap=0.5, batch_size=3)
+  settings = inference.WindowSettings(roi=(6, 6, 6), overlap=0.5, batch_size=3)
+  shared = inference.predict_probabilities(method, variables, volume, masks, settings)
   for i, mask in enumerate(masks):
-    single = inference.predict_probabilities(method, variables, volume * mask, mask[None],
-                                             roi=(6, 6, 6), overlap=0.5, batch_size=3)
+    single = inference.predict_probabilities(method, variables, volume * mask, mask[None], settings)
     np.testing.assert_allclose(shared[i], single[0], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(shared.sum(-1), 1.0, rtol=1e-5)
 
@@ -55,7 +54,8 @@ def test_whole_volume_window_equals_direct_apply_3d():
   method, variables = make_method(3)
   volume = np.asarray(jax.random.normal(jax.random.key(2), (7, 8, 6, 3)))
   mask = np.array([[True, False, True]])
-  probs = inference.predict_probabilities(method, variables, volume, mask, roi=None)
+  probs = inference.predict_probabilities(method, variables, volume, mask,
+                                          inference.WindowSettings(roi=None))
   direct = jax.nn.softmax(method.apply(variables, volume[None] * mask[:, None, None, None, :],
                                        jnp.asarray(mask)), -1)
   np.testing.assert_allclose(probs[0], direct[0], rtol=1e-5, atol=1e-6)
@@ -65,7 +65,8 @@ def test_2d_models_run_slice_by_slice():
   method, variables = make_method(2)
   volume = np.asarray(jax.random.normal(jax.random.key(3), (9, 7, 5, 3)))
   mask = np.array([[True, True, False]])
-  probs = inference.predict_probabilities(method, variables, volume, mask, batch_size=2)
+  probs = inference.predict_probabilities(method, variables, volume, mask,
+                                          inference.WindowSettings(batch_size=2))
   slices = np.moveaxis(volume, 2, 0) * mask[0]
   direct = jax.nn.softmax(method.apply(variables, slices, jnp.asarray(np.repeat(mask, 5, 0))), -1)
   np.testing.assert_allclose(probs[0], np.moveaxis(np.asarray(direct), 0, 2), rtol=1e-5, atol=1e-6)
@@ -78,3 +79,20 @@ def test_bad_masks_are_value_errors():
     inference.predict_probabilities(method, variables, volume, np.zeros((1, 3), bool))
   with pytest.raises(ValueError, match="volume must be"):
     inference.predict_probabilities(method, variables, volume[..., :2], np.ones((1, 3), bool))
+
+
+def test_window_settings_come_from_the_config():
+  from configs import unet
+  config = unet.get_config("smoke")
+  settings = inference.WindowSettings.from_config(config)
+  assert settings == inference.WindowSettings(
+      roi=tuple(config.data.patch_size), overlap=config.eval.overlap,
+      batch_size=config.eval.sw_batch_size, blend=config.eval.blend)
+  config.eval.roi_size = (8, 8, 8)
+  config.eval.overlap = 0.25
+  assert inference.WindowSettings.from_config(config).roi == (8, 8, 8)
+  assert inference.WindowSettings.from_config(config).overlap == 0.25
+  for bad, needle in [(dict(overlap=1.0), "eval.overlap"), (dict(batch_size=0), "sw_batch_size"),
+                      (dict(blend="box"), "eval.blend"), (dict(roi=(8, 0, 8)), "roi_size")]:
+    with pytest.raises(ValueError, match=needle):
+      inference.WindowSettings(**bad)

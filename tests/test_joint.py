@@ -84,8 +84,8 @@ def test_t1_only_prediction_has_no_gradient_into_the_flair_branch():
 @pytest.mark.parametrize("shape, dilation", [((1, 7, 6, 5, 3), 2), ((2, 9, 5, 3), 4)])
 def test_subgrid_dilated_convolution_equals_the_dilated_convolution(shape, dilation):
   x = jnp.asarray(np.random.default_rng(2).normal(size=shape), jnp.float32)
-  fast = joint.ResidualBlock(4, dilation, norm="none", space_to_batch=True)
-  plain = joint.ResidualBlock(4, dilation, norm="none", space_to_batch=False)
+  fast = joint.ResidualBlock(features=4, dilation=dilation, norm="none", space_to_batch=True)
+  plain = joint.ResidualBlock(features=4, dilation=dilation, norm="none", space_to_batch=False)
   variables = numpy_variables(plain, x)
   np.testing.assert_allclose(jax.jit(fast.apply)(variables, x), jax.jit(plain.apply)(variables, x),
                              rtol=1e-5, atol=1e-5)
@@ -135,16 +135,19 @@ def test_tissue_term_on_hand_made_input():
 def test_lesion_term_on_hand_made_input():
   probs = jnp.zeros((1, 2, 5)).at[..., LESION].set(0.5).at[..., 0].set(0.5)
   lesion = jnp.array([[True, False]])
-  # J = sum p t / sum (p + t - p t) = 0.5 / (1 + 0.5) = 1/3; weight 1/2.
+  # Eq. 6: J = sum p t / sum (t^2 + p^2 - p t) = 0.5 / ((1 + 0.25 - 0.5) + 0.25) = 1/2; weight 1/2.
   term = joint.lesion_term(probs, lesion, None, WEIGHTS, LESION)
-  assert float(term) == pytest.approx(0.5 * (1 - 1 / 3), abs=1e-4)
+  assert float(term) == pytest.approx(0.5 * (1 - 1 / 2), abs=1e-4)
+  # The soft-union form: J = 0.5 / (1 + 0.5) = 1/3.
+  soft_union = joint.lesion_term(probs, lesion, None, WEIGHTS, LESION, "soft_union")
+  assert float(soft_union) == pytest.approx(0.5 * (1 - 1 / 3), abs=1e-4)
   # Only the lesion class is scored: how the rest is split among tissues does not matter.
   other = probs.at[..., 0].set(0.0).at[..., 2].set(0.5)
   assert float(joint.lesion_term(other, lesion, None, WEIGHTS, LESION)) == pytest.approx(float(term))
   # Voxels outside `valid` never count.
   valid = jnp.array([[True, False]])
   assert float(joint.lesion_term(probs, lesion, valid, WEIGHTS, LESION)) == pytest.approx(
-      0.5 * (1 - 0.5), abs=1e-4)
+      0.5 * (1 - 0.5 / 0.75), abs=1e-4)
 
 
 def test_terms_add_up_to_the_full_weighted_jaccard():
@@ -159,26 +162,61 @@ def test_terms_add_up_to_the_full_weighted_jaccard():
   assert 0 < float(lesion) < float(full)
 
 
-def test_fuzzy_jaccard_equals_the_shared_loss_on_one_hot_targets():
+def numpy_eq6(probs, target, valid, class_weights):
+  """Dorent et al. 2019, Eq. 6: 1 - sum_c w_c sum_j g p / sum_j (g^2 + p^2 - g p), sum_c w_c = 1."""
+  p = np.asarray(probs, np.float64).reshape(-1, probs.shape[-1])
+  g = np.asarray(target, np.float64).reshape(p.shape)
+  keep = np.asarray(valid, bool).reshape(-1)
+  p, g = p[keep], g[keep]
+  w = np.asarray(class_weights, np.float64) / np.sum(class_weights)
+  jaccard = np.sum(g * p, axis=0) / np.sum(g**2 + p**2 - g * p, axis=0)
+  return 1 - np.sum(w * jaccard)
+
+
+@pytest.mark.parametrize("soft_target", [False, True])
+def test_probabilistic_jaccard_is_eq6(soft_target):
   rng = np.random.default_rng(4)
+  probs = random_probs(rng, (2, 3, 3, 3, 5))
+  target = (random_probs(rng, (2, 3, 3, 3, 5)) if soft_target
+            else one_hot(rng.integers(0, 5, (2, 3, 3, 3))))
+  valid = rng.uniform(size=(2, 3, 3, 3)) < 0.7
+  weights = np.array([1.0, 2.0, 3.0, 0.5, 4.0], np.float32)   # normalised to sum 1 by the loss
+  ours = losses.probabilistic_jaccard(probs, target, valid, weights)
+  np.testing.assert_allclose(ours, numpy_eq6(probs, target, valid, weights), rtol=1e-5)
+  # The other readings give other numbers on the same input.
+  for form in ("soft_union", "min_max"):
+    other = losses.probabilistic_jaccard(probs, target, valid, weights, form=form)
+    assert abs(float(other) - float(ours)) > 1e-3
+  with pytest.raises(ValueError, match="unknown form"):
+    losses.probabilistic_jaccard(probs, target, form="dice")
+
+
+def test_min_max_equals_soft_union_on_one_hot_targets():
+  rng = np.random.default_rng(5)
   probs = random_probs(rng, (1, 3, 3, 3, 5))
   target = one_hot(rng.integers(0, 5, (1, 3, 3, 3)))
-  ours = joint.fuzzy_jaccard_distance(probs, target, None, WEIGHTS)
-  shared = WEIGHTS.sum() * losses.probabilistic_jaccard(probs, target, None, WEIGHTS)
-  np.testing.assert_allclose(ours, shared, rtol=1e-5)
+  np.testing.assert_allclose(losses.probabilistic_jaccard(probs, target, None, WEIGHTS, "min_max"),
+                             losses.probabilistic_jaccard(probs, target, None, WEIGHTS, "soft_union"),
+                             rtol=1e-5)
 
 
 def test_consistency_term_zero_when_equal_and_hand_made_value():
   probs = random_probs(np.random.default_rng(6), (2, 4, 4, 5))
   same = joint.consistency_term(probs, probs, None, WEIGHTS, LESION)
   assert float(same) == pytest.approx(0.0, abs=1e-6)
-  # The shared product form is not zero on equal soft inputs: why the fuzzy form is used here.
-  assert float(losses.probabilistic_jaccard(probs, probs)) > 0.1
-  # One voxel: gm 0.5 vs 1.0 -> J = 0.5; wm 0.5 vs 0 -> J = 0; csf, background 0 vs 0 -> J = 1.
+  assert float(joint.consistency_term(probs, probs, None, WEIGHTS, LESION, form="min_max")) \
+      == pytest.approx(0.0, abs=1e-6)
+  # The soft-union form is not zero on equal soft inputs.
+  assert float(losses.probabilistic_jaccard(probs, probs, form="soft_union")) > 0.1
+  # One voxel, Eq. 6: gm 0.5 vs 1.0 -> J = 0.5 / (1 + 0.25 - 0.5) = 2/3; wm 0.5 vs 0 -> J = 0;
+  # csf, background 0 vs 0 -> J = 1.
   full = jnp.array([[[0.0, 0.0, 0.5, 0.5, 0.0]]])
   t1 = jnp.array([[[0.0, 0.0, 1.0, 0.0, 0.0]]])
   term = joint.consistency_term(full, t1, None, WEIGHTS, LESION)
-  assert float(term) == pytest.approx((0.5 + 1.0) / 8, abs=1e-4)
+  assert float(term) == pytest.approx((1 / 3 + 1.0) / 8, abs=1e-4)
+  # min_max: gm J = 0.5 / 1 = 0.5.
+  fuzzy = joint.consistency_term(full, t1, None, WEIGHTS, LESION, form="min_max")
+  assert float(fuzzy) == pytest.approx((0.5 + 1.0) / 8, abs=1e-4)
   # The lesion channel is not part of it.
   assert float(joint.consistency_term(full.at[..., LESION].set(0.9), t1, None, WEIGHTS, LESION)) \
       == pytest.approx(float(term))
@@ -263,12 +301,31 @@ def test_task_specific_losses_use_their_term_only():
     assert float(loss) == pytest.approx(float(metrics[term]))
 
 
+def test_tissue_only_baseline_reads_t1_only():
+  method = get_method(smoke_config(variant="tissue_only"))
+  batch = hand_batch()
+  variables = numpy_variables(method.model, batch["image"], batch["modality_mask"])
+  forward = jax.jit(method.model.apply)
+  image = jnp.asarray(batch["image"])
+  with_flair = forward(variables, image, BOTH)
+  other_flair = forward(variables, image.at[..., 1].set(image[..., 1] * 5.0 + 3.0), BOTH)
+  np.testing.assert_array_equal(with_flair, other_flair)
+  np.testing.assert_array_equal(with_flair, forward(variables, image, T1_ONLY))
+  # The joint model does read FLAIR.
+  joint_model = get_method(smoke_config()).model
+  joint_variables = numpy_variables(joint_model, image, BOTH)
+  joint_forward = jax.jit(joint_model.apply)
+  assert np.max(np.abs(np.asarray(joint_forward(joint_variables, image, BOTH))
+                       - np.asarray(joint_forward(joint_variables, image, T1_ONLY)))) > 1e-4
+
+
 @pytest.mark.parametrize("change, needle", [
     ({"variant": "both"}, "config.variant"),
     ({"task": "wmh"}, "config.task"),
     ({"model.norm": "batch"}, "config.model.norm"),
     ({"model.modality_stages": 3}, "config.model.modality_stages"),
     ({"loss.consistency_weight": -1.0}, "config.loss.consistency_weight"),
+    ({"loss.consistency_form": "dice"}, "config.loss.consistency_form"),
     ({"data.tissue_set.modalities": ("t2",)}, "config.data.tissue_set.modalities"),
 ])
 def test_bad_config_is_one_clear_error(change, needle):
@@ -282,7 +339,17 @@ def test_presets_build():
     assert config.task == "tissue" and config.data.phantom_lesions
     assert get_method(config).name == "joint"
   assert joint_config.get_config("paper").optimizer.learning_rate == 5e-3
-  assert joint_config.get_config("paper").loss.consistency_start == 5000
+  paper = joint_config.get_config("paper")
+  assert paper.loss.consistency_start == 5000
+  assert tuple(paper.data.patch_size) == (120, 120, 40) and paper.data.batch_size == 1
+  assert paper.loss.jaccard_form == paper.loss.consistency_form == "eq6"
+  # Variants: config.variant, named after the preset or not (the default).
+  assert joint_config.get_config("smoke").variant == "joint"
+  lesion_only = joint_config.get_config("demo_lesion_only")
+  assert lesion_only.variant == "lesion_only" and lesion_only.preset == "demo_lesion_only"
+  assert lesion_only.model.to_dict() == joint_config.get_config("demo").model.to_dict()
+  with pytest.raises(ValueError, match="unknown preset 'demo_both'"):
+    joint_config.get_config("demo_both")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,5 +408,5 @@ def test_smoke_training_logs_every_term(smoke_run):
   assert train[0]["consistency_loss"] == 0.0 and train[-1]["consistency_loss"] > 0
   assert all(np.isfinite(r["loss"]) for r in train)
   val = [r for r in records if r["split"] == "val"]
-  assert val and 0.0 <= val[-1]["val_dice_all"] <= 1.0
+  assert val and np.isfinite([val[-1]["val_dice_all"], val[-1]["val_dice_dropped"]]).all()
   assert (workdir / "checkpoints").is_dir() and last["step"] == 3

@@ -205,6 +205,14 @@ def test_hemis_conv_impl_reaches_every_conv():
   assert "conv_general_dilated" not in text["matmul"]
 
 
+def test_conv_factory_binds_the_lowering_and_names_the_option_on_bad_input():
+  conv = layers.conv_factory("matmul", use_bias=False)
+  module = conv(4, 3)
+  assert (module.impl, module.use_bias, module.features) == ("matmul", False, 4)
+  with pytest.raises(ValueError, match="config.model.conv_impl: unknown convolution impl 'cuda'"):
+    layers.conv_factory("cuda")
+
+
 POOL_CASES = [
     ((2, 7, 8, 9, 3), 2, 1, "SAME"),       # HeMIS: keeps the resolution
     ((2, 7, 8, 9, 3), 2, None, "SAME"),    # U-Net: halves it

@@ -283,8 +283,10 @@ def test_verify_clean_dataset(tmp_path, capsys):
   root = _brats(tmp_path, n=2, missing={(0, "t1")})
   assert cli(["verify", "--data", str(root)]) == 0
   out = capsys.readouterr().out.strip().splitlines()
-  assert len(out) == 1 and out[0].startswith("OK: 2 case(s)")
+  assert len(out) == 2 and out[0].startswith("OK: 2 case(s)")
   assert "1 missing modality" in out[0]
+  # No splits.json: verify says a run will make (and write) a seeded split, and its sizes.
+  assert out[1].startswith("split: none in the dataset; a seeded") and "train 1, val 1, test 0" in out[1]
 
 
 def _broken_dataset(tmp_path):
@@ -352,10 +354,10 @@ def test_verify_labels_from_dataset_json_and_task(tmp_path, capsys):
   root = _nnunet(tmp_path)
   assert cli(["verify", "--data", str(root)]) == 0
   capsys.readouterr()
-  # The wmh task allows labels 0 and 1 only.
+  # The wmh task has no counterpart for the dataset's tumour labels: one line naming dataset.json.
   assert cli(["verify", "--data", str(root), "--task", "wmh"]) == 1
-  lines = capsys.readouterr().out.strip().splitlines()
-  assert len(lines) == 2 and all("not in the declared set (0, 1)" in l for l in lines)
+  line, = capsys.readouterr().out.strip().splitlines()
+  assert line.startswith(f"{root / 'dataset.json'}: label 'necrotic' has no counterpart in the wmh")
 
 
 def test_verify_module_entry_point(tmp_path):
@@ -448,3 +450,254 @@ def test_phantom_wmh_nnunet_channel_order(phantoms, capsys):
     assert v.available.tolist() == [m not in missing for m in task.modalities]
   assert cli(["verify", "--data", str(root), "--task", "wmh"]) == 0
   assert "label values (0, 1)" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# Detection prefers the layout whose file names match (#22)
+
+
+def test_brats_folder_with_a_clinical_csv_is_not_a_manifest(tmp_path, capsys):
+  root = _brats(tmp_path, n=2)
+  (root / "clinical.csv").write_text("ID,Age,Survival\nBraTS20_000,60,300\nBraTS20_001,55,410\n")
+  assert detect_layout(root) == "brats"
+  assert [c.case_id for c in discover_cases(root)] == ["BraTS20_000", "BraTS20_001"]
+  assert cli(["verify", "--data", str(root)]) == 0
+  assert "in the brats layout" in capsys.readouterr().out
+  # A lone CSV that is a real manifest (its files exist) still wins, even beside case folders.
+  rows = [{"case_id": c.case_id, **{m: str(p.relative_to(root)) for m, p in c.images.items()}}
+          for c in discover_cases(root)]
+  (root / "clinical.csv").unlink()
+  _write_csv(root / "cases.csv", rows)
+  assert detect_layout(root) == "manifest"
+
+
+# ----------------------------------------------------------------------------------------------
+# Case ids that are not plain names (#21)
+
+
+def test_verify_reports_case_ids_that_are_not_plain_names(tmp_path, capsys):
+  rows = _manifest_files(tmp_path, n=3)
+  rows[0]["case_id"] = "../../escaped_90000"
+  rows[1]["case_id"] = "sub-01/ses-01"
+  path = _write_csv(tmp_path / "manifest.csv", rows)
+  assert cli(["verify", "--data", str(tmp_path)]) == 1
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 2 and all(l.startswith(f"{path}: case id ") for l in lines)
+  assert "'../../escaped_90000'" in lines[0] and "'sub-01/ses-01'" in lines[1]
+  with pytest.raises(DataError, match="escaped_90000"):
+    discover_cases(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Label conventions: nnU-Net's conversion of BraTS (oedema 1, necrosis 2, enhancing 3) (#21)
+
+NNUNET_REGIONS = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3],
+                  "enhancing tumor": [3]}  # as nnU-Net v2's Dataset137_BraTS2021 writes it
+NNUNET_CLASSES = {"background": 0, "edema": 1, "non-enhancing tumor core": 2, "enhancing tumor": 3}
+
+
+def _brats_label(enhancing=True):
+  label = np.zeros(SHAPE, np.uint8)
+  label[3:7, 3:6, 2:6] = 2        # oedema
+  label[4:6, 4:6, 3:5] = 1        # necrosis
+  if enhancing:
+    label[5, 4:6, 3:5] = 4
+  return label
+
+
+def _to_nnunet_values(label):
+  return np.select([label == 1, label == 2, label == 4], [2, 1, 3], 0).astype(np.uint8)
+
+
+def _nnunet_converted(tmp_path, labels, enhancing=True):
+  """The same case as a BraTS folder and converted the nnU-Net way; returns (brats, nnunet)."""
+  brats = tmp_path / "brats"
+  _brats_case(brats, "case0", label=False)
+  _save(brats / "case0" / "case0_seg.nii.gz", _brats_label(enhancing))
+  nnunet = tmp_path / "Dataset137_BraTS2021"
+  for c, m in enumerate(MODS):
+    _save(nnunet / "imagesTr" / f"case0_{c:04d}.nii.gz", _image(c))
+  _save(nnunet / "labelsTr" / "case0.nii.gz", _to_nnunet_values(_brats_label(enhancing)))
+  (nnunet / "dataset.json").write_text(json.dumps(
+      {"channel_names": {"0": "FLAIR", "1": "T1", "2": "T1ce", "3": "T2"}, "labels": labels,
+       "numTraining": 1, "file_ending": ".nii.gz"}))
+  return brats, nnunet
+
+
+@pytest.mark.parametrize("enhancing", [True, False])
+@pytest.mark.parametrize("labels", [NNUNET_REGIONS, NNUNET_CLASSES], ids=["regions", "classes"])
+def test_nnunet_label_values_are_read_and_written_the_dataset_s_way(tmp_path, capsys, labels,
+                                                                     enhancing):
+  from hemijax.data.preprocess import load_dataset, write_prediction
+  from hemijax.data.tasks import get_task
+  task = get_task("tumor")
+  brats, nnunet = _nnunet_converted(tmp_path, labels, enhancing)
+  mapping = layouts.dataset_label_mapping(nnunet, task)
+  assert mapping.file_values == (0, 2, 1, 3)  # necrotic core, oedema, enhancing as stored
+  assert layouts.dataset_label_mapping(brats, task).file_values == task.label_values
+  # verify checks the files against the dataset's own values and says how they pair.
+  assert cli(["verify", "--data", str(nnunet), "--task", "tumor"]) == 0
+  out = capsys.readouterr().out
+  assert "labels: label values 0=background, 2=necrotic_core, 1=edema, 3=enhancing" in out
+  # Training reads the same class ids from both copies.
+  ours, = load_dataset(brats, modalities=MODS, label_values=task.label_values)
+  theirs, = load_dataset(nnunet, modalities=MODS, label_values=mapping.file_values)
+  np.testing.assert_array_equal(theirs.label, ours.label)
+  assert (ours.label == 3).any() == enhancing
+  # Evaluate reads the truth in the task's values (TC = necrosis + enhancing stays TC).
+  stored = np.asarray(nib.load(str(nnunet / "labelsTr" / "case0.nii.gz")).dataobj)
+  np.testing.assert_array_equal(mapping.to_task_values(stored), _brats_label(enhancing))
+  # Predict writes the dataset's own values.
+  write_prediction(tmp_path / "pred.nii.gz", theirs.label, theirs.transform, mapping.file_values)
+  np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "pred.nii.gz")).dataobj), stored)
+
+
+@pytest.mark.parametrize("labels,words", [
+    ({"background": 0, "tumour": 1, "cyst": 2}, "label 'tumour' has no counterpart"),
+    ({"background": 0, "whole tumor": [1, 2, 3]}, "do not tell its value apart"),
+    ({"background": 0, "edema": 1, "necrosis": 2, "enhancing": 3, "ET": [4]}, "do not tell"),
+    ({"background": 0, "edema": "x"}, "'x' is not an integer"),
+])
+def test_label_declarations_that_do_not_fit_are_refused_naming_dataset_json(tmp_path, capsys,
+                                                                             labels, words):
+  from hemijax.data.tasks import get_task
+  _, nnunet = _nnunet_converted(tmp_path, labels)
+  with pytest.raises(DataError, match=words) as e:
+    layouts.dataset_label_mapping(nnunet, get_task("tumor"))
+  assert str(e.value).startswith(f"{nnunet / 'dataset.json'}: ")
+  assert cli(["verify", "--data", str(nnunet), "--task", "tumor"]) == 1
+  assert any(words.split("'")[0] in l for l in capsys.readouterr().out.splitlines())
+
+
+def test_dataset_json_labels_beside_a_brats_folder(tmp_path):
+  """BraTS 2023 stores enhancing as 3: a dataset.json with only `labels` says so."""
+  from hemijax.data.tasks import get_task
+  root = _brats(tmp_path, n=1)
+  (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "NCR": 1, "ED": 2,
+                                                            "ET": 3}}))
+  assert layouts.dataset_label_mapping(root, get_task("tumor")).file_values == (0, 1, 2, 3)
+  assert layouts.dataset_label_values(root) == (0, 1, 2, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits for a dataset without splits.json (#22)
+
+
+def _cases(n_full, n_partial, n_unlabelled=0):
+  full = {m: pathlib.Path(f"{m}.nii") for m in MODS}
+  partial = {m: full[m] for m in ("flair", "t2")}
+  cases = [CaseFiles(f"full{i:02d}", full, pathlib.Path("seg.nii")) for i in range(n_full)]
+  cases += [CaseFiles(f"part{i:02d}", partial, pathlib.Path("seg.nii")) for i in range(n_partial)]
+  cases += [CaseFiles(f"nolabel{i}", full, None) for i in range(n_unlabelled)]
+  return cases
+
+
+def test_generated_split_is_seeded_stratified_and_skips_unlabelled_cases():
+  from hemijax.data import splits
+  cases = _cases(12, 8, n_unlabelled=2)
+  made = splits.make_splits(cases)
+  assert made == splits.make_splits(list(reversed(cases)))  # order of discovery does not matter
+  assert {k: len(v) for k, v in made.items()} == {"train": 12, "val": 4, "test": 4}
+  everything = made["train"] + made["val"] + made["test"]
+  assert sorted(everything) == sorted(c.case_id for c in cases if c.label is not None)
+  # Both modality patterns in every split: the 12 full cases 7/3/2, the 8 partial ones 5/1/2.
+  count = lambda name, prefix: sum(i.startswith(prefix) for i in made[name])
+  assert [count(n, "full") for n in ("train", "val", "test")] == [7, 3, 2]
+  assert [count(n, "part") for n in ("train", "val", "test")] == [5, 1, 2]
+  # Three cases: one per split.
+  assert [len(v) for v in splits.make_splits(_cases(3, 0)).values()] == [1, 1, 1]
+
+
+def test_run_split_is_written_to_the_workdir_reused_and_tied_to_its_dataset(tmp_path):
+  from hemijax.data import splits
+  root = _brats(tmp_path, n=5)
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  first = splits.for_run(discover_cases(root), root, workdir)
+  assert first.origin == "generated" and first.path == (workdir / "splits.json").absolute()
+  written, about = layouts.read_split_file(first.path)
+  assert written == first.splits and about["dataset"] == str(root.absolute())
+  # A case added later does not move the run's cases between splits.
+  _brats_case(root, "BraTS20_999")
+  again = splits.for_run(discover_cases(root), root, workdir)
+  assert again.splits == first.splits
+  # Another dataset in the same workdir is refused with one line naming the file.
+  other = _brats(tmp_path / "other", n=3)
+  with pytest.raises(DataError, match="made for the dataset") as e:
+    splits.for_run(discover_cases(other), other, workdir)
+  assert str(e.value).startswith(f"{first.path}: ")
+  # The dataset's own splits.json, or an explicit file, is used as given.
+  own = {"train": ["BraTS20_000"], "val": ["BraTS20_001"], "test": []}
+  (other / "splits.json").write_text(json.dumps(own))
+  assert splits.choose(discover_cases(other), other).splits == own
+  given = tmp_path / "mine.json"
+  given.write_text(json.dumps({"train": ["BraTS20_002"], "val": [], "test": []}))
+  assert splits.choose(discover_cases(other), other, given).origin == "config"
+  # A generated file for another dataset does not apply to this one.
+  assert splits.choose(discover_cases(other), other, first.path).origin == "dataset"
+
+
+def _own_data_config(root, cache):
+  from configs import unet
+  config = unet.get_config("smoke")
+  config.data.root = str(root)
+  if cache is not None:
+    config.data.cache_dir = str(cache)
+  return config
+
+
+def test_train_on_a_brats_folder_without_splits_prepares_and_records_the_run(tmp_path,
+                                                                            monkeypatch):
+  """What the README's own-data command needs: a split, an absolute cache, the training spacing."""
+  from hemijax.data import datasets
+  root = _brats(tmp_path, n=5)
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  monkeypatch.chdir(tmp_path)
+  config = _own_data_config(root, "relative-cache")
+  datasets.prepare_run(config, workdir)
+  assert config.data.cache_dir == str(tmp_path / "relative-cache")
+  assert config.data.splits_file == str(workdir / "splits.json")
+  assert config.data.target_spacing == 1.0  # the files' spacing, so other spacings get resampled
+  val = datasets.load_split(config, "val")
+  assert [v.case_id for v in val] == json.loads((workdir / "splits.json").read_text())["val"]
+  assert list((tmp_path / "relative-cache" / "preprocessed").iterdir())
+  # verify names the same split when given the run's file.
+  assert cli(["verify", "--data", str(root), "--splits-file", config.data.splits_file]) == 0
+
+
+def test_cache_root_from_environment_and_config(tmp_path, monkeypatch):
+  from hemijax.data import datasets
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("HEMIJAX_CACHE", "env-cache")
+  config = _own_data_config(tmp_path, None)
+  assert datasets.cache_root(config) == tmp_path / "env-cache"
+  config.data.cache_dir = "cfg"
+  assert datasets.cache_root(config) == tmp_path / "cfg"
+  monkeypatch.delenv("HEMIJAX_CACHE")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert datasets.default_cache_root() == tmp_path / "xdg" / "hemijax"
+
+
+def test_cache_command_lists_and_cleans_by_age(tmp_path, capsys):
+  from hemijax.data import datasets
+  root = _brats(tmp_path, n=2)
+  cache = tmp_path / "cache"
+  config = _own_data_config(root, cache)
+  datasets.load_split(config, None)
+  old, new = sorted((cache / "preprocessed").iterdir())
+  os.utime(old, (1e9, 1e9))  # not used since 2001
+  (cache / "preprocessed" / ".left.abc.tmp").mkdir()
+  os.utime(cache / "preprocessed" / ".left.abc.tmp", (1e9, 1e9))
+  assert cli(["cache", "--dir", str(cache)]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[0].startswith(f"cache {cache} holds ") and "2 entries" in lines[0]
+  assert f"preprocessed {root.absolute()}  2 case(s)" in lines[1]
+  assert cli(["cache", "--dir", str(cache), "--clean", "--older-than", "30"]) == 0
+  out = capsys.readouterr().out
+  assert "removed 1 entry and 1 leftover temporary" in out
+  assert sorted(p.name for p in (cache / "preprocessed").iterdir()) == [new.name]
+  assert cli(["cache", "--dir", str(cache), "--clean"]) == 0
+  assert not list((cache / "preprocessed").iterdir())
+  with pytest.raises(SystemExit):
+    cli(["cache", "--older-than", "-1"])

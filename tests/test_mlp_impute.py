@@ -154,3 +154,45 @@ def test_smoke_training_runs_both_stages_and_freezes_the_unet(tmp_path):
   assert any(not np.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(after_unet["params"]["imputer"]),
       jax.tree.leaves(after_mlps["params"]["imputer"])))
+
+
+def numpy_mlp(layer_params, x):
+  """A voxel-wise MLP in NumPy: dense layers, ReLU between them."""
+  for i, (kernel, bias) in enumerate(layer_params):
+    x = x @ np.asarray(kernel) + np.asarray(bias)
+    if i < len(layer_params) - 1:
+      x = np.maximum(x, 0)
+  return x
+
+
+def test_per_modality_mlps_one_single_output_mlp_per_missing_modality_per_pattern():
+  model = mi.MLPImputeUNet(num_modalities=M, num_classes=3, per_modality=True, **SMALL)
+  image = jax.random.normal(jax.random.key(0), (2, 6, 6, M))
+  mask = jnp.array([[True, False, True, False], [False, True, True, True]])
+  variables = quick_init(model, image, jnp.ones((2, M), bool))
+  layer_params = mi.stacked_layers(variables["params"]["imputer"])
+  assert layer_params[-1][0].shape == (mi.num_patterns(M), M, SMALL["hidden"][-1], 1)
+  imputed = model.apply(variables, jnp.where(mask[:, None, None, :], image, 1e6), mask,
+                        method=lambda m, x, k: m.imputer(x, k))
+  for b in range(2):
+    p = int(mi.pattern_index(mask[b:b + 1])[0])
+    inputs = np.where(mask[b], image[b], 0)
+    for m in range(M):
+      own = [(w[p, m], c[p, m]) for w, c in layer_params]
+      expected = image[b, ..., m] if mask[b, m] else numpy_mlp(own, inputs)[..., 0]
+      np.testing.assert_allclose(imputed[b, ..., m], expected, rtol=1e-5, atol=1e-5)
+
+  # Training reaches exactly the (pattern, missing modality) slots: 28 MLPs for 4 modalities.
+  voxels = jax.random.normal(jax.random.key(1), (32, M))
+  grads = jax.grad(lambda p: mi.imputation_loss({"imputer": p}, {}, {
+      "voxels": voxels, "available": jnp.ones((32, M), bool)}, None, 0)[0])(
+          variables["params"]["imputer"])
+  reached = np.any(np.asarray(grads["kernel_0"]) != 0, axis=(2, 3))   # (patterns, modalities)
+  np.testing.assert_array_equal(reached, ~mi.pattern_masks(M))
+  assert reached.sum() == 28
+
+
+def test_paper_preset_uses_the_papers_mlps():
+  config = mlp_config.get_config("paper")
+  assert config.impute.per_modality and tuple(config.impute.hidden) == (100, 100)
+  assert not mlp_config.get_config("demo").impute.per_modality

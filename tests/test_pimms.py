@@ -89,6 +89,42 @@ def test_hard_mapping_sums_scans_of_the_same_modality():
                                 [[False, True, False]])
 
 
+def test_soft_availability_rules():
+  probs = jnp.array([[[0.7, 0.2, 0.1], [0.6, 0.3, 0.1]], [[0.7, 0.2, 0.1], [0.6, 0.3, 0.1]]])
+  scan_mask = jnp.array([[True, True], [False, False]])
+  np.testing.assert_array_equal(pimms.slot_availability(probs, scan_mask, "all"),
+                                [[True] * 3, [False] * 3])
+  np.testing.assert_array_equal(pimms.slot_availability(probs, scan_mask, "argmax"),
+                                [[True, False, False], [False] * 3])
+
+
+@pytest.mark.parametrize("rule", ["all", "argmax"])
+def test_soft_mapping_gradient_reaches_every_slot(rule):
+  """Eq. 1 feeds every slot its weighted sum: d loss / d S_mn is non-zero for slots no scan's
+  argmax picks (the "argmax" rule, kept as an option, zeroes them)."""
+  config = smoke_config("soft")
+  config.model.soft_availability = rule
+  method = pimms.build(config)
+  variables = init_variables(method)
+  image = random_scans(jax.random.key(2), batch=1, n=2)
+  scan_mask = jnp.array([[True, True]])
+  # Both scans' argmax is slot 0: slots 1 and 2 get soft mass only.
+  logits = jnp.array([[[2.0, 0.5, -0.5], [1.5, 0.0, 1.0]]])
+
+  def loss_of_probs(probs):
+    out = method.model.apply(variables, image, scan_mask, probs, method="segment_mapped")
+    return jnp.sum(jax.nn.log_softmax(out, axis=-1)[..., 1])
+
+  grad_probs = jax.grad(loss_of_probs)(jax.nn.softmax(logits, axis=-1))
+  per_slot = np.abs(np.asarray(grad_probs)).sum(axis=(0, 1))
+  if rule == "all":
+    assert np.all(per_slot > 0), per_slot
+    grad_logits = jax.grad(lambda z: loss_of_probs(jax.nn.softmax(z, axis=-1)))(logits)
+    assert np.all(np.abs(np.asarray(grad_logits)) > 0)
+  else:
+    assert per_slot[0] > 0 and np.all(per_slot[1:] == 0), per_slot
+
+
 def test_shuffle_into_scans_moves_slots_exactly():
   image = jax.random.normal(jax.random.key(0), (4, 5, 5, M))
   kept = jnp.array([[True, False, True]] * 4)
@@ -190,7 +226,7 @@ def test_hemis_variant_reads_scans_in_slot_order_without_labels():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_presets_select_the_variant_and_stages(variant):
   config = smoke_config(variant)
-  assert config.model.variant == variant and config.preset == "smoke"
+  assert config.variant == variant and config.preset == f"smoke_{variant}"
   method = pimms.build(config)
   stages = method.training_stages(config)
   if variant in ("soft", "hard"):
@@ -202,14 +238,50 @@ def test_presets_select_the_variant_and_stages(variant):
 
 
 def test_config_errors_name_the_option():
-  assert pimms_config.get_config("paper").model.variant == "soft"
-  assert sum(pimms_config.get_config("paper").model.classifier_blocks) * 2 + 2 == 36
-  with pytest.raises(ValueError, match="variant"):
+  assert pimms_config.get_config("paper").variant == "soft"
+  paper = pimms_config.get_config("paper")
+  assert sum(paper.model.classifier_blocks) * 2 + 2 == 36
+  assert tuple(paper.data.patch_size) == (100, 100) and paper.classifier.batch_size == 64
+  assert paper.loss.class_weight_decay == 1e-4 and paper.model.soft_availability == "all"
+  # The demo scales γ to its run length: λ falls to exp(-5) by the last step.
+  demo = pimms_config.get_config("demo_online")
+  assert demo.loss.class_weight_decay * demo.train.num_steps == pytest.approx(5.0)
+  config = smoke_config("soft")
+  config.model.soft_availability = "max"
+  with pytest.raises(ValueError, match=r"config\.model\.soft_availability"):
+    pimms.build(config).init(jax.random.key(0), jnp.zeros((1, 8, 8, M)), jnp.ones((1, M), bool))
+  config = smoke_config("soft")
+  config.classifier.batch_size = 0
+  with pytest.raises(ValueError, match=r"config\.classifier\.batch_size"):
+    pimms.build(config)
+  with pytest.raises(ValueError, match="unknown preset 'demo_median'"):
     pimms_config.get_config("demo_median")
   config = smoke_config("soft")
-  config.model.variant = "median"
-  with pytest.raises(ValueError, match="config.model.variant"):
+  config.variant = "median"
+  with pytest.raises(ValueError, match=r"config\.variant"):
     pimms.build(config)
+  # The variant lives in config.variant, not among the network's settings.
+  config = smoke_config("soft")
+  config.model.variant = "hard"
+  with pytest.raises(ValueError, match=r"config\.model\.variant: not a setting of PIMMS"):
+    pimms.build(config)
+
+
+def test_classifier_stage_draws_batches_of_its_own_size():
+  from hemijax.data.preprocess import GridTransform, Volume
+  shape = (20, 20, 6)
+  rng = np.random.default_rng(0)
+  t = GridTransform(shape, np.eye(4), (0, 0, 0), shape, (1.0, 1.0, 1.0), shape, np.eye(4))
+  volume = Volume("v", rng.normal(size=shape + (M,)).astype(np.float32), np.ones(M, bool),
+                  np.zeros(shape, np.int32), np.ones(shape, bool), (1.0, 1.0, 1.0), t)
+  config = smoke_config("soft")
+  config.data.sampling = "uniform"
+  config.classifier.batch_size = 5
+  classifier_stage, segmentation_stage = pimms.build(config).training_stages(config)
+  load_split = lambda split: [volume]
+  assert stages_lib.stage_batches(classifier_stage, config, load_split)(0)["image"].shape[0] == 5
+  segmentation = stages_lib.stage_batches(segmentation_stage, config, load_split)(3)
+  assert segmentation["image"].shape[0] == config.data.batch_size == 2
 
 
 def synthetic_batch(seed, batch=2, size=16):
@@ -319,10 +391,11 @@ def predictor():
 
 def test_unnamed_scans_give_the_named_result_in_any_order(predictor):
   scans = synthetic_scans()
-  labels, probs = unlabeled.predict_unlabeled(predictor, scans, return_probabilities=True)
+  labels, probs = unlabeled.predict_unlabeled(predictor, scans, np.eye(4),
+                                              return_probabilities=True)
   assert labels.shape == scans[0].shape and probs.shape == scans[0].shape + (2,)
   order = [2, 0, 1]
-  shuffled = unlabeled.predict_unlabeled(predictor, [scans[i] for i in order],
+  shuffled = unlabeled.predict_unlabeled(predictor, [scans[i] for i in order], np.eye(4),
                                          return_probabilities=True)[1]
   np.testing.assert_allclose(shuffled, probs, rtol=1e-5, atol=1e-5)
   # The named path (slots in config order, no padding scans) gives the same probabilities.
@@ -387,7 +460,7 @@ def test_evaluate_a_trained_offline_workdir_reports_the_classifier_accuracy(tmp_
   for key in ("window_accuracy", "volume_accuracy", "windows", "scans", "confusion"):
     assert report[key] == direct[key], key
   assert summary["classifier_accuracy"]["window_accuracy"] == report["window_accuracy"]
-  assert 0.0 <= report["window_accuracy"] <= 1.0 and report["windows"] > 0
+  assert report["windows"] > 0   # the comparison above covers some windows
   assert "modality classifier" in (tmp_path / "eval" / "classifier_accuracy.md").read_text()
   assert json.loads((tmp_path / "eval" / "summary.json").read_text())["classifier_accuracy"] == \
       summary["classifier_accuracy"]

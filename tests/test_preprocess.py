@@ -16,7 +16,9 @@ from hemijax.data.preprocess import (GridTransform, class_ids_to_label_values, l
 MODS = ("flair", "t1", "t1ce", "t2")
 LABELS = (0, 1, 2, 4)
 SHAPE = (16, 14, 12)
+# LAS: the preprocessing flips x to RAS+ (the brain box below is symmetric in x, so it stays).
 AFFINE = np.array([[-1.0, 0, 0, 20], [0, 1.0, 0, -8], [0, 0, 1.5, 3], [0, 0, 0, 1]])
+CANONICAL_AFFINE = np.array([[1.0, 0, 0, 5], [0, 1.0, 0, -8], [0, 0, 1.5, 3], [0, 0, 0, 1]])
 BRAIN = (slice(3, 13), slice(2, 12), slice(2, 10))
 
 
@@ -137,15 +139,23 @@ def test_crop_normalise_remap(tmp_path):
     x = v.image[..., i][v.brain]
     assert abs(x.mean()) < 1e-4 and abs(x.std() - 1) < 1e-4
   # Clipped to the 0.1/99.9% quantiles before standardising.
-  raw = load_nifti(case.images["flair"])[0][BRAIN]
+  raw = load_nifti(case.images["flair"])[0][::-1][BRAIN]  # reoriented to RAS+
   lo, hi = np.quantile(raw, preprocess.CLIP_QUANTILES)
   expected = (np.clip(raw, lo, hi) - np.clip(raw, lo, hi).mean()) / np.clip(raw, lo, hi).std()
   np.testing.assert_allclose(v.image[..., 0], expected, atol=1e-4)
   # BraTS 4 -> class 3; the label is int32 class ids.
   assert v.label.dtype == np.int32 and set(np.unique(v.label)) == {0, 1, 2, 3}
-  np.testing.assert_array_equal(class_ids_to_label_values(v.label, LABELS), _label()[BRAIN])
-  # The preprocessed grid's affine places voxel 0 at the box corner.
-  np.testing.assert_allclose(v.transform.affine[:3, 3], (AFFINE @ np.array([3, 2, 2, 1]))[:3])
+  np.testing.assert_array_equal(class_ids_to_label_values(v.label, LABELS), _label()[::-1][BRAIN])
+  # The preprocessed grid's affine places voxel 0 at the box corner, in RAS+ axes.
+  np.testing.assert_allclose(v.transform.affine, CANONICAL_AFFINE @ _shift((3, 2, 2)))
+  np.testing.assert_allclose(nib.as_closest_canonical(nib.load(str(case.images["t2"]))).affine,
+                             CANONICAL_AFFINE)
+
+
+def _shift(start):
+  out = np.eye(4)
+  out[:3, 3] = start
+  return out
 
 
 def test_normalise_outside_brain_zero_and_constant_image():
@@ -181,7 +191,8 @@ def test_resampling_keeps_world_coordinates_and_round_trips(tmp_path):
   # Preprocessed voxel j sits at cropped coordinate (j + 0.5) * zoom - 0.5, in world space too.
   j = np.array([1, 2, 3])
   src = np.asarray(t.bbox_start) + (j + 0.5) * np.asarray(t.zoom) - 0.5
-  np.testing.assert_allclose(t.affine @ np.append(j, 1), AFFINE @ np.append(src, 1), atol=1e-6)
+  np.testing.assert_allclose(t.affine @ np.append(j, 1), CANONICAL_AFFINE @ np.append(src, 1),
+                             atol=1e-6)
   back = to_original_grid(t, v.label, order=0)
   assert back.shape == SHAPE
   truth = preprocess.remap_labels(_label(), LABELS)
@@ -318,3 +329,95 @@ def test_preprocess_in_memory_arrays_matches_files(tmp_path):
   raw = preprocess.raw_case_from_arrays(arrays, AFFINE, label=np.full(SHAPE, 3))
   with pytest.raises(DataError, match=r"^input: label values \[3\]"):
     preprocess.preprocess_raw(raw, "input", MODS, LABELS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Orientation: the same case stored RAS, LPS or with permuted axes (#21)
+
+RAS_AFFINE = np.array([[1.0, 0, 0, -7], [0, 1.0, 0, 5], [0, 0, 1.5, 2], [0, 0, 0, 1]])
+LOPSIDED_BRAIN = (slice(2, 11), slice(3, 13), slice(1, 8))  # not symmetric: flips show
+
+
+def _stored(tmp_path, axcodes):
+  """The same case (RAS arrays above) re-stored with the axes `axcodes`, as a BraTS folder."""
+  rng = np.random.default_rng(3)
+  ras = {m: np.zeros(SHAPE, np.float32) for m in MODS}
+  for m in MODS:
+    ras[m][LOPSIDED_BRAIN] = rng.gamma(4.0, 25.0, ras[m][LOPSIDED_BRAIN].shape)
+  label = np.zeros(SHAPE, np.int16)
+  label[4:9, 5:10, 2:6] = 2
+  label[5:7, 6:8, 3:5] = 4
+  ornt = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"),
+                                         nib.orientations.axcodes2ornt(axcodes))
+  folder = tmp_path / axcodes
+
+  def store(array, name):
+    img = nib.Nifti1Image(array, RAS_AFFINE).as_reoriented(ornt)
+    return _save(folder / name, np.asarray(img.dataobj), img.affine)
+
+  images = {m: store(ras[m], f"{axcodes}_{m}.nii.gz") for m in MODS}
+  return CaseFiles(axcodes, images, store(label, f"{axcodes}_seg.nii.gz"), folder)
+
+
+def _world(path_or_array, affine=None):
+  """A label map in RAS+ voxel order (world-aligned), to compare maps stored any way."""
+  img = (nib.load(str(path_or_array)) if affine is None
+         else nib.Nifti1Image(np.asarray(path_or_array), affine))
+  return np.asarray(nib.as_closest_canonical(img).dataobj)
+
+
+def _fake_prediction(volume):
+  """Stands in for a model that knows left from right: bright FLAIR in the first half of axis 0."""
+  pred = (volume.image[..., 0] > 0.5).astype(np.int32)
+  pred[volume.image.shape[0] // 2:] = 0
+  return pred
+
+
+@pytest.mark.parametrize("target_spacing", [None, 2.0])
+def test_the_same_case_stored_any_way_gives_the_same_labels_in_world_space(tmp_path,
+                                                                           target_spacing):
+  stored = {codes: _stored(tmp_path, codes) for codes in ("RAS", "LPS", "SLA")}
+  assert nib.aff2axcodes(nib.load(str(stored["SLA"].images["t1"])).affine) == ("S", "L", "A")
+  volumes = {codes: preprocess_case(case, MODS, LABELS, target_spacing=target_spacing)
+             for codes, case in stored.items()}
+  ras = volumes["RAS"]
+  for codes, v in volumes.items():
+    # The model sees identical arrays, in RAS+ axes, whatever the storage.
+    np.testing.assert_array_equal(v.image, ras.image, err_msg=codes)
+    np.testing.assert_array_equal(v.label, ras.label, err_msg=codes)
+    np.testing.assert_allclose(v.transform.affine, ras.transform.affine, atol=1e-9)
+    # A prediction put back in each file's grid agrees with the others in world space.
+    case = stored[codes]
+    back = to_original_grid(v.transform, _fake_prediction(v), order=0)
+    assert back.shape == nib.load(str(case.label)).shape
+    np.testing.assert_array_equal(_world(back, nib.load(str(case.label)).affine),
+                                  _world(to_original_grid(ras.transform, _fake_prediction(ras)),
+                                         RAS_AFFINE), err_msg=codes)
+    assert _fake_prediction(v).any()
+    # Written out, the labels land on the file's own grid with the dataset's values.
+    out = tmp_path / f"pred_{codes}.nii.gz"
+    write_prediction(out, v.label, v.transform, LABELS)
+    np.testing.assert_allclose(nib.load(str(out)).affine, nib.load(str(case.label)).affine)
+    if target_spacing is None:  # no interpolation: the exact inverse of the preprocessing
+      np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj),
+                                    np.asarray(nib.load(str(case.label)).dataobj), err_msg=codes)
+  # GridTransform round-trips through the cache's JSON with its orientation.
+  t = volumes["SLA"].transform
+  assert GridTransform.from_dict(json.loads(json.dumps(t.to_dict()))).to_dict() == t.to_dict()
+
+
+def test_to_original_grid_inverts_the_crop_and_reorientation_exactly(tmp_path):
+  case = _stored(tmp_path, "LPI")
+  v = preprocess_case(case, MODS, LABELS)
+  truth = preprocess.remap_labels(load_nifti(case.label, label=True)[0], LABELS)
+  np.testing.assert_array_equal(to_original_grid(v.transform, v.label), truth)
+  brain = to_original_grid(v.transform, v.brain.astype(np.uint8)).astype(bool)
+  np.testing.assert_array_equal(brain, load_nifti(case.images["flair"])[0] != 0)
+
+
+def test_a_modality_stored_in_another_orientation_is_named(tmp_path):
+  """Files of one case must share a grid; the odd one is named on one line."""
+  case = _stored(tmp_path, "RAS")
+  other = _stored(tmp_path, "LPS")
+  mixed = CaseFiles("mixed", dict(case.images, t2=other.images["t2"]), case.label, case.origin)
+  _raises_naming(other.images["t2"], "affine differs", mixed)

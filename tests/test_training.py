@@ -1,7 +1,10 @@
-"""End to end at smoke size: train, resume after SIGKILL, data parallel, evaluate, predict, errors."""
+"""End to end at smoke size: train, resume after SIGKILL, data parallel, evaluate, predict, errors;
+stages, early stopping, non-finite losses, the best checkpoint across restarts, the workdir lock."""
 import json
 import os
 import pathlib
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,6 +80,9 @@ def test_sigkill_and_resume_gives_the_same_parameters(trained, tmp_path, cache_d
   time.sleep(np.random.default_rng().uniform(0, 0.3))
   proc.send_signal(signal.SIGKILL)
   assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+  # The kill landed mid-run: the last step was neither saved nor logged.
+  assert not (workdir / "checkpoints" / "8").exists(), "the kill landed after the last checkpoint"
+  assert max(s for s, _ in losses(workdir)) < 8, "the kill landed after the last step"
   run_cli(args, cache_dir)
   resumed, reference = final_params(workdir), final_params(trained)
   assert resumed.keys() == reference.keys()
@@ -167,3 +173,132 @@ def test_predict_bad_input_is_one_clear_line(trained, cache_dir, args, needle):
   assert proc.returncode != 0
   assert "Traceback" not in proc.stderr
   assert needle in proc.stderr.strip().splitlines()[-1]
+
+
+def checkpoint_steps(workdir):
+  return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir()
+                if p.name.isdigit())
+
+
+def test_rerun_of_a_finished_run_says_so_and_writes_nothing(trained, cache_dir):
+  before = {p.name: p.stat().st_mtime_ns for p in trained.iterdir()}
+  proc = run_cli(["train.py", f"--config={SMOKE}", f"--workdir={trained}",
+                  "--config.train.num_steps=8", "--config.data.batch_size=4"], cache_dir)
+  assert "already finished at step 8" in proc.stdout
+  assert {p.name: p.stat().st_mtime_ns for p in trained.iterdir()} == before
+
+
+def test_extending_a_run_keeps_its_best_checkpoint(trained, tmp_path, cache_dir):
+  workdir = tmp_path / "extended"
+  shutil.copytree(trained, workdir)
+  best = json.loads((workdir / "best.json").read_text())["step"]
+  # Learning rate 0: no later evaluation beats the best, which falls out of the latest two.
+  run_cli(["train.py", f"--config={SMOKE}", f"--workdir={workdir}", "--config.train.num_steps=14",
+           "--config.data.batch_size=4", "--config.optimizer.learning_rate=0"], cache_dir)
+  assert json.loads((workdir / "best.json").read_text())["step"] == best
+  assert checkpoint_steps(workdir) == sorted({best, 12, 14})
+  assert [s for s, _ in losses(workdir)] == list(range(1, 15))
+
+
+def test_early_stopping_ends_the_run_and_a_rerun_stays_stopped(tmp_path, cache_dir):
+  workdir = tmp_path / "early"
+  args = ["train.py", f"--config={SMOKE}", f"--workdir={workdir}", "--config.train.num_steps=30",
+          "--config.train.patience=1", "--config.optimizer.learning_rate=0"]
+  proc = run_cli(args, cache_dir)
+  # Learning rate 0: the evaluation at step 6 equals the one at 3, no improvement in 1 evaluation.
+  assert "early stopping at step 6" in proc.stdout + proc.stderr
+  assert json.loads((workdir / "early_stopped.json").read_text()) == {"step": 6}
+  assert [s for s, _ in losses(workdir)] == list(range(1, 7))
+  assert checkpoint_steps(workdir) == [3, 6]
+  assert json.loads((workdir / "best.json").read_text())["step"] == 3
+  rerun = run_cli(args, cache_dir)
+  assert "already finished at step 6" in rerun.stdout
+  assert checkpoint_steps(workdir) == [3, 6]
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir):
+  workdir = tmp_path / "diverged"
+  proc = run_cli(["train.py", f"--config={SMOKE}", f"--workdir={workdir}",
+                  "--config.train.num_steps=6", "--config.train.checkpoint_every=1",
+                  "--config.optimizer.learning_rate=1e38"], cache_dir, check=False)
+  assert proc.returncode != 0
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "non-finite loss" in lines[0], proc.stderr
+  good = int(re.search(r"last good checkpoint \(step (\d+)\)", lines[0]).group(1))
+  assert 1 <= good < 6
+  assert max(checkpoint_steps(workdir)) == good  # nothing saved after it
+  assert max(s for s, _ in losses(workdir)) == good
+  params = final_params(workdir)
+  assert all(np.isfinite(v).all() for v in params.values())
+
+
+# PIMMS: a 3-step classifier stage, then 6 segmentation steps with a fresh optimiser.
+PIMMS_STAGES = ["--config=configs/pimms.py:smoke", "--config.train.checkpoint_every=1",
+                "--config.train.keep_checkpoints=20"]
+
+
+@pytest.fixture(scope="module")
+def pimms_uninterrupted(tmp_path_factory, cache_dir):
+  workdir = tmp_path_factory.mktemp("runs") / "pimms"
+  run_cli(["train.py", *PIMMS_STAGES, f"--workdir={workdir}"], cache_dir)
+  return workdir
+
+
+# Checkpoint 3 holds the classifier stage's optimiser state; 2 is inside that stage.
+@pytest.mark.parametrize("resume_from", [2, 3])
+def test_resume_across_a_stage_boundary_gives_the_same_numbers(pimms_uninterrupted, tmp_path,
+                                                               cache_dir, resume_from):
+  full, resumed = pimms_uninterrupted, tmp_path / "resumed"
+  shutil.copytree(full, resumed)
+  for step in checkpoint_steps(resumed):   # as if killed right after saving `resume_from`
+    if step > resume_from:
+      shutil.rmtree(resumed / "checkpoints" / str(step))
+  run_cli(["train.py", *PIMMS_STAGES, f"--workdir={resumed}"], cache_dir)
+  assert checkpoint_steps(resumed) == checkpoint_steps(full) == list(range(1, 10))
+  got, want = final_params(resumed), final_params(full)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  assert losses(resumed) == losses(full)
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path, cache_dir):
+  workdir = tmp_path / "busy"
+  args = ["train.py", f"--config={SMOKE}", f"--workdir={workdir}",
+          "--config.train.num_steps=100000", f"--config.data.cache_dir={cache_dir}",
+          "--progress=false"]
+  first = subprocess.Popen([sys.executable] + args, cwd=ROOT, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  try:
+    deadline = time.time() + 240
+    while not (workdir / "config.json").exists() and time.time() < deadline:  # under the lock
+      assert first.poll() is None, "the first run ended early"
+      time.sleep(0.1)
+    second = run_cli(args[:3] + ["--config.train.num_steps=100000"], cache_dir, check=False)
+    assert first.poll() is None, "the first run ended before the second one tried"
+  finally:
+    first.kill()
+    first.wait()
+  assert second.returncode != 0
+  lines = second.stderr.strip().splitlines()
+  assert len(lines) == 1 and "another run is training in this workdir" in lines[0], second.stderr
+  assert str(first.pid) in lines[0]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config.train.num_stepz=3"],
+     "--config.train.num_stepz: 'train.num_stepz' is not a field of the config; "
+     "did you mean --config.train.num_steps?"),
+    (["--config=configs/hemis.py:dmeo"], "unknown preset 'dmeo'"),
+    (["--config.train.num_steps=0"], "config.train.num_steps=0: must be a positive number"),
+    (["--config.train.num_steps=-2"], "config.train.num_steps=-2: must be a positive number"),
+])
+def test_config_mistakes_are_one_line_and_write_nothing(tmp_path, cache_dir, args, needle):
+  workdir = tmp_path / "never"
+  proc = run_cli(["train.py", f"--config={SMOKE}", f"--workdir={workdir}", *args], cache_dir,
+                 check=False)
+  assert proc.returncode != 0
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+  if "dmeo" in needle:
+    assert "did you mean 'demo'?" in lines[0]
+  assert not workdir.exists()

@@ -94,3 +94,10 @@ def test_smoke_training_with_dropout(tmp_path):
   assert all(np.isfinite(r["loss"]) for r in train)
   assert any(r["modalities_kept"] < 4 for r in train)   # the dropout did drop
   assert [r["step"] for r in records if r["split"] == "val"] == [3]
+
+
+def test_paper_presets_use_cross_entropy_alone():
+  for preset in ("paper", "paper_dropout"):
+    loss = unet_config.get_config(preset).loss
+    assert (loss.ce_weight, loss.dice_weight) == (1.0, 0.0)
+  assert unet_config.get_config("demo").loss.dice_weight == 1.0

@@ -233,3 +233,42 @@ def test_synthesis_psnr_rows_and_values(default, tmp_path):
   assert len((tmp_path / "synthesis.csv").read_text().splitlines()) == 1 + len(rows)
   with pytest.raises(ValueError, match="no synthesis decoders"):
     synthesis.check_synthesis(get_method(unet_config.get_config("smoke")))
+
+
+def test_variants_md_and_md_pooled():
+  pooled, md = urn_config.get_config("smoke"), urn_config.get_config("smoke_md")
+  assert (pooled.variant, md.variant, md.pretrain.num_steps) == ("md_pooled", "md", 0)
+  assert pooled.pretrain.num_steps > 0
+  assert urn_config.get_config("paper_md").loss.dice_weight == 0.0   # the paper: cross-entropy
+  md.pretrain.num_steps = 5
+  with pytest.raises(ValueError, match="config.pretrain.num_steps"):
+    get_method(md)
+  md.variant = "joint"
+  with pytest.raises(ValueError, match="config.variant"):
+    get_method(md)
+
+
+@pytest.mark.parametrize("preset,encoders_learn", [("smoke_md", True), ("smoke", False)])
+def test_segmentation_trains_encoders_only_without_pretraining(preset, encoders_learn):
+  config = urn_config.get_config(preset)
+  config.model.conv_impl = "xla"
+  method = get_method(config)
+  stages = method.training_stages(config)
+  assert [s.name for s in stages] == (["segmentation"] if encoders_learn else
+                                      ["pretrain", "segmentation"])
+  image = jax.random.normal(jax.random.key(0), (2, 8, 8, M))
+  label = (image[..., 0] > 0.5).astype(jnp.int32)
+  batch = {"image": image, "modality_mask": jnp.ones((2, M), bool), "label": label,
+           "valid": jnp.ones((2, 8, 8), bool)}
+  variables = quick_init(method.model, image, batch["modality_mask"])
+  state = {k: v for k, v in variables.items() if k != "params"}
+  grads, (_, new_state) = jax.grad(stages[-1].loss_fn, has_aux=True)(
+      variables["params"], state, batch, jax.random.key(1), 0)
+  encoder_grads = jax.tree.leaves(grads["encoders"])
+  assert any(np.any(g != 0) for g in encoder_grads) == encoders_learn
+  assert all(np.all(np.isfinite(g)) for g in encoder_grads)
+  assert any(np.any(g != 0) for g in jax.tree.leaves(grads["segmenter"]))
+  # End to end, the encoders' batch statistics are updated too; frozen, they stay.
+  before = state["batch_stats"]["encoders"]["normalise"]["mean"]
+  after = new_state["batch_stats"]["encoders"]["normalise"]["mean"]
+  assert (not np.array_equal(before, after)) == encoders_learn

@@ -86,6 +86,9 @@ def load_nifti(path, *, expect_3d: bool = True, label: bool = False):
   affine = np.asarray(img.affine, np.float64)
   if not np.all(np.isfinite(affine)):
     raise problem(path, "affine holds NaN/inf")
+  if degenerate_affine(affine):
+    raise problem(path, "degenerate affine (a voxel axis has zero length or two axes are "
+                        "parallel): check the header's pixdim/qform/sform")
   if np.issubdtype(data.dtype, np.floating):
     bad = ~np.isfinite(data)
     if bad.any():
@@ -98,6 +101,13 @@ def load_nifti(path, *, expect_3d: bool = True, label: bool = False):
       data = rounded
     data = np.asarray(data, np.int32)
   return np.ascontiguousarray(data), affine, img.header
+
+
+def degenerate_affine(affine) -> bool:
+  """Whether the voxel axes of `affine` do not span 3D space (no orientation, no spacing)."""
+  m = np.asarray(affine, np.float64)[:3, :3]
+  lengths = np.linalg.norm(m, axis=0)
+  return bool(np.any(lengths <= 1e-8) or abs(np.linalg.det(m)) <= 1e-6 * np.prod(lengths))
 
 
 def read_header(path):

@@ -14,6 +14,8 @@ import json
 import pathlib
 import re
 
+from hemijax.data import labels as labels_lib
+from hemijax.data.case_ids import check_case_id
 from hemijax.data.io import DataError, is_nifti, one_line, problem, strip_nifti_suffix
 from hemijax.data.tasks import KNOWN_MODALITIES, check_modalities
 
@@ -100,27 +102,54 @@ def _check_root(root) -> pathlib.Path:
   return root
 
 
-def _find_manifest(root: pathlib.Path) -> pathlib.Path | None:
-  """root itself, root/manifest.{csv,json}, or root's only CSV if it has a case_id column (BraTS
-  folders hold CSVs like name_mapping.csv that are not manifests)."""
+def _named_manifest(root: pathlib.Path) -> pathlib.Path | None:
+  """root itself (a .csv/.json file) or root/manifest.{csv,json}: a manifest by its name."""
   if root.is_file():
     return root if root.suffix.lower() in (".csv", ".json") else None
   for name in MANIFEST_NAMES:
     if (root / name).is_file():
       return root / name
-  csvs = sorted(p for p in root.glob("*.csv") if _visible(p))
-  if len(csvs) == 1 and _has_case_id_column(csvs[0]):
-    return csvs[0]
   return None
 
 
-def _has_case_id_column(path: pathlib.Path) -> bool:
+def _lone_csv(root: pathlib.Path) -> pathlib.Path | None:
+  csvs = sorted(p for p in root.glob("*.csv") if _visible(p))
+  return csvs[0] if len(csvs) == 1 else None
+
+
+def _find_manifest(root: pathlib.Path) -> pathlib.Path | None:
+  """A named manifest, else root's only CSV if it has a case_id column (BraTS folders hold CSVs
+  like name_mapping.csv that are not manifests)."""
+  named = _named_manifest(root)
+  if named is not None or root.is_file():
+    return named
+  lone = _lone_csv(root)
+  return lone if lone is not None and _has_case_id_column(lone) else None
+
+
+def _csv_header(path: pathlib.Path) -> list[str]:
   try:
     with open(path, newline="") as f:
-      header = next(csv.reader(f), [])
+      return next(csv.reader(f), [])
   except (OSError, UnicodeDecodeError, csv.Error):
+    return []
+
+
+def _has_case_id_column(path: pathlib.Path) -> bool:
+  return any(h.strip().lower() in CASE_ID_COLUMNS for h in _csv_header(path))
+
+
+def _manifest_files_exist(path: pathlib.Path) -> bool:
+  """Whether `path` reads as a manifest (case id + modality columns, nothing else) whose first
+  row names files that exist: a side table such as clinical.csv with an ID column does not."""
+  try:
+    rows = _read_manifest_rows(path)
+    _, _, modality_cols = _manifest_columns(path, list(rows[0]) if rows else [])
+  except DataError:
     return False
-  return any(h.strip().lower() in CASE_ID_COLUMNS for h in header)
+  cells = [_cell(rows[0].get(c)) for c in modality_cols]
+  named = [c for c in cells if c]
+  return bool(named) and all((path.parent / c).is_file() for c in named)
 
 
 def _looks_like_brats_case(folder: pathlib.Path) -> bool:
@@ -144,10 +173,17 @@ def detect_layout(root) -> str:
     return "nnunet"
   if (root / "HGG").is_dir() or (root / "LGG").is_dir():
     return "brats2018"
-  if _find_manifest(root):
+  if _named_manifest(root):
+    return "manifest"
+  # A lone CSV is a manifest only if it reads as one and lists files that exist; BraTS case
+  # folders beside a side table (clinical.csv with an ID column) are a BraTS dataset.
+  lone = _lone_csv(root)
+  if lone is not None and _manifest_files_exist(lone):
     return "manifest"
   if any(_looks_like_brats_case(d) for d in _subdirs(root)):
     return "brats"
+  if lone is not None and _has_case_id_column(lone):
+    return "manifest"  # let discovery name what is wrong with it
   raise problem(root, f"cannot detect the dataset layout (none of {', '.join(LAYOUTS)}); "
                       "check the folder or pass --layout")
 
@@ -215,10 +251,7 @@ def _discover_brats2018(root: pathlib.Path, wanted, report) -> list[CaseFiles]:
 # nnU-Net raw: dataset.json + imagesTr/<case>_XXXX.nii.gz + labelsTr/<case>.nii.gz
 
 
-def read_dataset_json(root) -> dict:
-  """Reads and checks an nnU-Net `dataset.json` -> {"channels": {index: modality}, "labels":
-  (values...), "file_ending": str}; DataError naming dataset.json."""
-  path = pathlib.Path(root) / "dataset.json"
+def _read_json_object(path: pathlib.Path) -> dict:
   try:
     meta = json.loads(path.read_text())
   except FileNotFoundError:
@@ -227,6 +260,14 @@ def read_dataset_json(root) -> dict:
     raise problem(path, f"cannot read JSON ({e})") from None
   if not isinstance(meta, dict):
     raise problem(path, "expected a JSON object")
+  return meta
+
+
+def read_dataset_json(root) -> dict:
+  """Reads and checks an nnU-Net `dataset.json` -> {"channels": {index: modality}, "labels":
+  {name: (values...)} or None, "file_ending": str}; DataError naming dataset.json."""
+  path = pathlib.Path(root) / "dataset.json"
+  meta = _read_json_object(path)
   names = meta.get("channel_names", meta.get("modality"))  # v2, v1
   if not isinstance(names, dict) or not names:
     raise problem(path, "needs a 'channel_names' (or 'modality') object like {\"0\": \"FLAIR\"}")
@@ -243,27 +284,10 @@ def read_dataset_json(root) -> dict:
     if modality in channels.values():
       raise problem(path, f"channel {key}: {name!r} maps to {modality}, which another channel has")
     channels[index] = modality
-  return {"channels": channels, "labels": _nnunet_labels(path, meta.get("labels")),
+  labels = meta.get("labels")
+  return {"channels": channels,
+          "labels": None if labels is None else labels_lib.parse_declaration(labels, path),
           "file_ending": str(meta.get("file_ending", ".nii.gz"))}
-
-
-def _nnunet_labels(path, labels) -> tuple[int, ...] | None:
-  if labels is None:
-    return None
-  if not isinstance(labels, dict):
-    raise problem(path, "'labels' must be an object")
-  values = set()
-  for key, value in labels.items():
-    # v2: {"name": value or [values]}; v1: {"value": "name"}.
-    items = value if isinstance(value, list) else [value]
-    if all(isinstance(v, str) for v in items):
-      items = [key]
-    for v in items:
-      try:
-        values.add(int(v))
-      except (TypeError, ValueError):
-        raise problem(path, f"label {key!r}: {v!r} is not an integer label value") from None
-  return tuple(sorted(values))
 
 
 def _discover_nnunet(root: pathlib.Path, wanted, report, include_test=False) -> list[CaseFiles]:
@@ -439,6 +463,11 @@ def discover_cases_and_problems(root, layout="auto", modalities=None, *, include
   seen: dict[str, CaseFiles] = {}
   unique = []
   for case in cases:
+    try:
+      check_case_id(case.case_id)  # ids become output file names
+    except DataError as e:
+      report(problem(case.where, str(e)))
+      continue
     if case.case_id in seen:
       other = seen[case.case_id].where
       report(problem(case.where, f"case id {case.case_id} appears twice (also {other})"))
@@ -462,12 +491,37 @@ def discover_cases(root, layout="auto", modalities=None, *, include_test=False) 
   return cases
 
 
-def dataset_label_values(root, layout="auto") -> tuple[int, ...] | None:
-  """Label values the dataset itself declares (nnU-Net dataset.json), or None."""
+def dataset_json_path(root) -> pathlib.Path:
+  root = pathlib.Path(root)
+  return (root.parent if root.is_file() else root) / "dataset.json"
+
+
+def dataset_labels(root, layout="auto") -> dict[str, tuple[int, ...]] | None:
+  """The labels the dataset declares ({name: values}), or None: the `labels` of its dataset.json
+  (nnU-Net's, or one placed beside any other layout, e.g. for BraTS 2023's ET = 3)."""
   root = pathlib.Path(root)
   if layout == "auto":
     layout = detect_layout(root)
-  return read_dataset_json(root)["labels"] if layout == "nnunet" else None
+  if layout == "nnunet":
+    return read_dataset_json(root)["labels"]
+  path = dataset_json_path(root)
+  if not path.is_file():
+    return None
+  labels = _read_json_object(path).get("labels")
+  return None if labels is None else labels_lib.parse_declaration(labels, path)
+
+
+def dataset_label_values(root, layout="auto") -> tuple[int, ...] | None:
+  """Every label value the dataset declares (see `dataset_labels`), or None."""
+  declared = dataset_labels(root, layout)
+  return None if declared is None else labels_lib.declared_values(declared)
+
+
+def dataset_label_mapping(root, task, layout="auto") -> labels_lib.LabelMapping:
+  """How the dataset's label values pair with `task`'s (`labels.mapping_from_declaration`): the one
+  mapping verify, training, predict and evaluate use to read labels and write predictions."""
+  declared = dataset_labels(root, layout)
+  return labels_lib.mapping_from_declaration(task, declared, dataset_json_path(root))
 
 
 def splits_path(root) -> pathlib.Path:
@@ -480,12 +534,24 @@ def read_splits(root) -> dict[str, list[str]] | None:
   path = splits_path(root)
   if not path.is_file():
     return None
+  return read_split_file(path)[0]
+
+
+def read_split_file(path) -> tuple[dict[str, list[str]], dict]:
+  """Reads a split file -> (splits, about). `about` is the optional "about" object a generated
+  split carries ({"dataset": folder it was made for, "how": ...}); {} if none."""
+  path = pathlib.Path(path)
   try:
     splits = json.loads(path.read_text())
+  except FileNotFoundError:
+    raise problem(path, "split file not found") from None
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise problem(path, f"cannot read JSON ({e})") from None
   if not isinstance(splits, dict):
     raise problem(path, 'expected an object like {"train": [...], "val": [...], "test": [...]}')
+  about = splits.pop("about", {})
+  if not isinstance(about, dict):
+    raise problem(path, "'about' must be an object")
   out = {}
   for name, ids in splits.items():
     if name not in SPLIT_NAMES:
@@ -501,4 +567,4 @@ def read_splits(root) -> dict[str, list[str]] | None:
                  else f"in both {seen[case_id]!r} and {name!r}")
         raise problem(path, f"case {case_id} is listed {where}")
       seen[case_id] = name
-  return out
+  return out, about

@@ -1,9 +1,11 @@
 """Checking, preprocessing and caching cases: files -> `Volume` and predictions -> original grid.
 
 Per case: every file is opened and checked (`check_case`, shared with `verify`), the volume is
-cropped to the brain's bounding box, optionally N4-corrected and resampled to a target spacing, and
-each modality is normalised inside the brain. The forward `GridTransform` is kept so a prediction
-on the preprocessed grid can be put back into the file's grid and affine (`to_original_grid`).
+reoriented to the closest RAS+ axes (so a case stored LPS, RAS or with permuted axes gives the same
+arrays), cropped to the brain's bounding box, optionally N4-corrected and resampled to a target
+spacing, and each modality is normalised inside the brain. The forward `GridTransform` is kept so a
+prediction on the preprocessed grid can be put back into the file's grid, axes and affine
+(`to_original_grid`).
 """
 from __future__ import annotations
 
@@ -17,16 +19,19 @@ import shutil
 import tempfile
 
 import numpy as np
+from nibabel import orientations
 from scipy import ndimage
 
 from hemijax.data import layouts
 from hemijax import atomic
-from hemijax.data.io import DataError, load_nifti, one_line, problem, save_nifti_atomic
+from hemijax.data.io import (DataError, degenerate_affine, load_nifti, one_line, problem,
+                             save_nifti_atomic)
 from hemijax.data.layouts import CaseFiles
 from hemijax.data.tasks import check_modalities
 
 CLIP_QUANTILES = (0.001, 0.999)
-CACHE_VERSION = 1  # bump when preprocessing changes, so old cache entries are not reused
+CACHE_VERSION = 2  # bump when preprocessing changes, so old cache entries are not reused
+IDENTITY_ORIENTATION = ((0, 1), (1, 1), (2, 1))  # nibabel "ornt": already RAS+
 # Affines of a subject's files may differ by rounding in the header; more than this is a mismatch.
 AFFINE_ATOL = 1e-3
 AFFINE_RTOL = 1e-4
@@ -34,10 +39,13 @@ AFFINE_RTOL = 1e-4
 
 @dataclasses.dataclass(frozen=True, eq=False)  # arrays inside: compare `to_dict()` instead
 class GridTransform:
-  """The file grid -> preprocessed grid map: crop to `bbox`, then resample by `zoom`.
+  """The file grid -> preprocessed grid map: reorient by `orientation`, crop to `bbox`, then
+  resample by `zoom`.
 
-  `zoom[i]` is the preprocessed voxel size over the file's along axis i (1 = not resampled);
-  preprocessed voxel j sits at cropped-grid coordinate (j + 0.5) * zoom - 0.5 (centres aligned).
+  `orientation` is nibabel's "ornt" of the file's axes (row i: the RAS+ axis file axis i becomes,
+  and whether it flips); `bbox` and `zoom` are on the reoriented (canonical) grid. `zoom[i]` is the
+  preprocessed voxel size over the canonical one along axis i (1 = not resampled); preprocessed
+  voxel j sits at cropped-grid coordinate (j + 0.5) * zoom - 0.5 (centres aligned).
   """
   original_shape: tuple[int, int, int]
   original_affine: np.ndarray
@@ -46,6 +54,7 @@ class GridTransform:
   zoom: tuple[float, float, float]
   shape: tuple[int, int, int]  # of the preprocessed grid
   affine: np.ndarray           # of the preprocessed grid
+  orientation: tuple = IDENTITY_ORIENTATION
 
   @property
   def bbox(self) -> tuple[slice, ...]:
@@ -59,12 +68,22 @@ class GridTransform:
   def resampled(self) -> bool:
     return any(z != 1.0 for z in self.zoom)
 
+  @property
+  def canonical_shape(self) -> tuple[int, int, int]:
+    """The file's shape with its axes reoriented."""
+    axes = [int(a) for a, _ in self.orientation]
+    shape = [0, 0, 0]
+    for n, axis in zip(self.original_shape, axes):
+      shape[axis] = n
+    return tuple(shape)
+
   def to_dict(self) -> dict:
     return {"original_shape": list(self.original_shape),
             "original_affine": np.asarray(self.original_affine).tolist(),
             "bbox_start": list(self.bbox_start), "bbox_stop": list(self.bbox_stop),
             "zoom": list(self.zoom), "shape": list(self.shape),
-            "affine": np.asarray(self.affine).tolist()}
+            "affine": np.asarray(self.affine).tolist(),
+            "orientation": [[int(a), int(f)] for a, f in self.orientation]}
 
   @classmethod
   def from_dict(cls, d: dict) -> "GridTransform":
@@ -73,7 +92,9 @@ class GridTransform:
                original_affine=np.asarray(d["original_affine"], np.float64),
                bbox_start=ints("bbox_start"), bbox_stop=ints("bbox_stop"),
                zoom=tuple(float(v) for v in d["zoom"]), shape=ints("shape"),
-               affine=np.asarray(d["affine"], np.float64))
+               affine=np.asarray(d["affine"], np.float64),
+               orientation=tuple((int(a), int(f))
+                                 for a, f in d.get("orientation", IDENTITY_ORIENTATION)))
 
 
 @dataclasses.dataclass
@@ -323,11 +344,13 @@ def class_ids_to_label_values(class_map, label_values) -> np.ndarray:
 
 
 def to_original_grid(transform: GridTransform, array, *, order: int = 0, fill=0) -> np.ndarray:
-  """Puts an array from the preprocessed grid back into the file's grid.
+  """Puts an array from the preprocessed grid back into the file's grid (shape, axis order and
+  direction): undoes the resampling, the crop and the reorientation.
 
   `array` is (X, Y, Z) (e.g. class ids; use order=0) or (X, Y, Z, C) (e.g. probabilities; order=1
   is linear in space, classes are not mixed). Voxels outside the brain box get `fill` (a scalar,
-  or one value per class, e.g. (1, 0, 0, 0) for background probability 1).
+  or one value per class, e.g. (1, 0, 0, 0) for background probability 1). Without resampling this
+  is the exact inverse of the preprocessing's crop and reorientation.
   """
   array = np.asarray(array)
   if tuple(array.shape[:3]) != tuple(transform.shape) or array.ndim not in (3, 4):
@@ -341,15 +364,18 @@ def to_original_grid(transform: GridTransform, array, *, order: int = 0, fill=0)
     array = ndimage.affine_transform(array, matrix, offset,
                                      output_shape=tuple(cropped) + array.shape[3:], order=order,
                                      mode="nearest", prefilter=False)
-  out = np.empty(tuple(transform.original_shape) + array.shape[3:], array.dtype)
+  out = np.empty(tuple(transform.canonical_shape) + array.shape[3:], array.dtype)
   out[...] = np.asarray(fill, array.dtype)
   out[transform.bbox] = array
-  return out
+  back = orientations.ornt_transform(np.asarray(IDENTITY_ORIENTATION, float),
+                                     np.asarray(transform.orientation, float))
+  return np.ascontiguousarray(orientations.apply_orientation(out, back))
 
 
 def write_prediction(path, class_map, transform: GridTransform, label_values, header=None) -> None:
   """Writes a class-id map from the preprocessed grid as a NIfTI label file in the original grid
-  and affine, with the dataset's label values (e.g. BraTS 0, 1, 2, 4)."""
+  and affine, with the dataset's label values (`LabelMapping.file_values`; e.g. BraTS 0, 1, 2, 4,
+  or nnU-Net's 0, 2, 1, 3 for the same classes)."""
   labels = class_ids_to_label_values(to_original_grid(transform, class_map, order=0), label_values)
   dtype = np.uint8 if labels.min() >= 0 and labels.max() < 256 else np.int16
   save_nifti_atomic(path, labels.astype(dtype), transform.original_affine, header)
@@ -376,6 +402,9 @@ def raw_case_from_arrays(images, affine, label=None, header=None) -> RawCase:
   affine = np.asarray(affine, np.float64)
   if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
     raise DataError(f"affine: expected a finite 4x4 matrix, got shape {affine.shape}")
+  if degenerate_affine(affine):
+    raise DataError(f"affine: degenerate (a voxel axis has zero length or two axes are parallel): "
+                    f"{np.round(affine[:3, :3], 6).tolist()}")
   if not images:
     raise DataError("images: no modality given")
   arrays, shape = {}, None
@@ -407,10 +436,13 @@ def preprocess_raw(raw: RawCase, case_id: str, modalities, label_values, *, targ
                    n4: bool = False, margin: int = 0) -> Volume:
   """Preprocesses checked arrays -> `Volume`.
 
-  Steps: brain = voxels where any available image is non-zero (or labelled); crop to its bounding
-  box (+ `margin` voxels); N4 per modality (`n4=True`); resample to `target_spacing` (mm, one
-  number or three; linear for images, nearest for labels and brain); clip to the brain's 0.1/99.9%
-  quantiles and normalise to zero mean, unit variance in the brain, per modality.
+  Steps: reorient to the closest RAS+ axes (nibabel `io_orientation`; exact flips and axis
+  permutations, no interpolation); brain = voxels where any available image is non-zero (or
+  labelled); crop to its bounding box (+ `margin` voxels); N4 per modality (`n4=True`); resample to
+  `target_spacing` (mm, one number or three; linear for images, nearest for labels and brain);
+  clip to the brain's 0.1/99.9% quantiles and normalise to zero mean, unit variance in the brain,
+  per modality. `label_values` are the values the label file stores (`LabelMapping.file_values`);
+  the Volume's label holds their index (the task's class id).
   """
   modalities = _check_modalities(modalities)
   if not any(m in raw.images for m in modalities):
@@ -418,38 +450,44 @@ def preprocess_raw(raw: RawCase, case_id: str, modalities, label_values, *, targ
   message = _label_values_problem(raw.label, label_values) if raw.label is not None else None
   if message:
     raise DataError(f"{case_id}: {message}")
-  brain = np.zeros(raw.shape, bool)
-  for m in modalities:
-    if m in raw.images:
-      brain |= raw.images[m] != 0
+  ornt = orientations.io_orientation(raw.affine)
+  canonical_affine = raw.affine @ orientations.inv_ornt_aff(ornt, raw.shape)
+  to_canonical = lambda a: np.ascontiguousarray(orientations.apply_orientation(a, ornt))
+  images = {m: to_canonical(raw.images[m]) for m in modalities if m in raw.images}
+  raw_label = to_canonical(raw.label) if raw.label is not None else None
+  canonical_shape = next(iter(images.values())).shape
+  brain = np.zeros(canonical_shape, bool)
+  for image in images.values():
+    brain |= image != 0
   if not brain.any():
     raise DataError(f"{case_id}: empty brain (no non-zero voxel in any image)")
-  if raw.label is not None:
-    brain |= raw.label != 0
+  if raw_label is not None:
+    brain |= raw_label != 0
   start, stop = brain_bbox(brain, margin)
   box = tuple(slice(a, b) for a, b in zip(start, stop))
-  spacing = spacing_of(raw.affine)
+  spacing = spacing_of(canonical_affine)
   zoom = _target_zoom(spacing, target_spacing)
   cropped_shape = tuple(b - a for a, b in zip(start, stop))
-  shape, affine = _grid_after(start, cropped_shape, zoom, raw.affine)
-  transform = GridTransform(tuple(raw.shape), raw.affine, start, stop, zoom, shape, affine)
+  shape, affine = _grid_after(start, cropped_shape, zoom, canonical_affine)
+  transform = GridTransform(tuple(raw.shape), raw.affine, start, stop, zoom, shape, affine,
+                            tuple((int(a), int(f)) for a, f in ornt))
   cropped_brain = brain[box]
   brain = cropped_brain
   if transform.resampled:
     brain = resample(cropped_brain.astype(np.uint8), zoom, shape, order=0).astype(bool)
   image = np.zeros(shape + (len(modalities),), np.float32)
   for i, m in enumerate(modalities):
-    if m not in raw.images:
+    if m not in images:
       continue
-    img = raw.images[m][box]
+    img = images[m][box]
     if n4:
       img = n4_correct(img, cropped_brain, spacing)
     if transform.resampled:
       img = resample(img, zoom, shape, order=1)
     image[..., i] = normalise(img, brain)
   label = None
-  if raw.label is not None:
-    label = raw.label[box]
+  if raw_label is not None:
+    label = raw_label[box]
     if transform.resampled:
       label = resample(label, zoom, shape, order=0)
     label = remap_labels(label, label_values)
@@ -490,7 +528,7 @@ def _cache_dir_for(cache_dir: pathlib.Path, case_id: str, key: str) -> pathlib.P
   return cache_dir / f"{safe}-{key}"
 
 
-def _save_cached(folder: pathlib.Path, volume: Volume) -> None:
+def _save_cached(folder: pathlib.Path, volume: Volume, source) -> None:
   """Writes the volume's arrays into a temporary folder next to `folder`, then renames it."""
   folder.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
@@ -499,7 +537,7 @@ def _save_cached(folder: pathlib.Path, volume: Volume) -> None:
     np.save(tmp / "brain.npy", np.ascontiguousarray(volume.brain, bool))
     if volume.label is not None:
       np.save(tmp / "label.npy", np.ascontiguousarray(volume.label, np.int32))
-    meta = {"case_id": volume.case_id, "available": volume.available.tolist(),
+    meta = {"case_id": volume.case_id, "source": str(source), "available": volume.available.tolist(),
             "has_label": volume.label is not None, "spacing": list(volume.spacing),
             "modalities": list(volume.modalities), "transform": volume.transform.to_dict()}
     atomic.write_text(tmp / "meta.json", json.dumps(meta))
@@ -520,7 +558,7 @@ def _load_cached(folder: pathlib.Path) -> Volume | None:
   try:
     meta = json.loads(meta_path.read_text())
     load = lambda name: np.load(folder / name, mmap_mode="r")
-    return Volume(
+    volume = Volume(
         case_id=meta["case_id"], image=load("image.npy"),
         available=np.asarray(meta["available"], bool),
         label=load("label.npy") if meta["has_label"] else None, brain=load("brain.npy"),
@@ -528,14 +566,26 @@ def _load_cached(folder: pathlib.Path) -> Volume | None:
         modalities=tuple(meta["modalities"]))
   except (OSError, ValueError, KeyError, json.JSONDecodeError):
     return None  # a damaged entry is rebuilt
+  touch_used(folder)
+  return volume
 
 
-def select_split(cases: list[CaseFiles], root, split) -> list[CaseFiles]:
-  """Keeps the cases of `split` ("train"/"val"/"test") as listed in root/splits.json."""
+def touch_used(folder: pathlib.Path) -> None:
+  """Records that a cache entry was used now (its folder's mtime), for `cache --older-than`."""
+  try:
+    os.utime(folder)
+  except OSError:
+    pass  # a read-only cache still serves
+
+
+def select_split(cases: list[CaseFiles], root, split, splits=None, where=None) -> list[CaseFiles]:
+  """Keeps the cases of `split` ("train"/"val"/"test"), in the order listed: in `splits` (read
+  from `where`) if given, else in root/splits.json."""
   if split is None:
     return cases
-  path = layouts.splits_path(root)
-  splits = layouts.read_splits(root)
+  path = pathlib.Path(where) if where is not None else layouts.splits_path(root)
+  if splits is None:
+    splits = layouts.read_splits(root)
   if splits is None:
     raise problem(path, f"not found (needed for split={split!r})")
   if split not in splits:
@@ -549,15 +599,19 @@ def select_split(cases: list[CaseFiles], root, split) -> list[CaseFiles]:
 
 
 def load_dataset(root, *, modalities, label_values, layout="auto", split=None, target_spacing=None,
-                 cache_dir=None, n4: bool = False, margin: int = 0) -> list[Volume]:
+                 cache_dir=None, n4: bool = False, margin: int = 0, splits=None,
+                 splits_where=None) -> list[Volume]:
   """Discovers, checks and preprocesses the cases of a dataset -> list of `Volume`.
 
-  split=None: all cases (sorted by id); "train"/"val"/"test": the cases listed in splits.json (in
-  its order). With `cache_dir`, preprocessed arrays are stored as .npy under a key hashing the
-  case's files and the options, and later loads memory-map them without reading any NIfTI.
+  split=None: all cases (sorted by id); "train"/"val"/"test": the cases listed in `splits` (a
+  mapping read from `splits_where`; default root/splits.json), in its order. `label_values`: the
+  values the label files store (`LabelMapping.file_values`). With `cache_dir`, preprocessed arrays
+  are stored as .npy under a key hashing the case's files and the options, and later loads
+  memory-map them without reading any NIfTI.
   """
   modalities = _check_modalities(modalities)
-  cases = select_split(layouts.discover_cases(root, layout, modalities), root, split)
+  cases = select_split(layouts.discover_cases(root, layout, modalities), root, split, splits,
+                       splits_where)
   cache = pathlib.Path(cache_dir) if cache_dir is not None else None
   volumes = []
   for case in cases:
@@ -573,7 +627,7 @@ def load_dataset(root, *, modalities, label_values, layout="auto", split=None, t
                                n4=n4, margin=margin)
       if folder.exists():
         shutil.rmtree(folder, ignore_errors=True)  # damaged entry
-      _save_cached(folder, volume)
+      _save_cached(folder, volume, pathlib.Path(root).absolute())
       volume = _load_cached(folder) or volume
     volumes.append(volume)
   return volumes

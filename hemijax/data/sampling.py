@@ -254,8 +254,12 @@ def sample_batch(volumes, rng: np.random.Generator, *, patch_size, batch_size: i
   return sampler.sample(rng, batch_size)
 
 
-def make_patch_batches(config, volumes, step_offset: int = 0):
+def make_patch_batches(config, volumes, step_offset: int = 0, shares=(0,), num_shares: int = 1):
   """`step -> host batch` of the config's patch sampler, deterministic in (seed, step).
+
+  With `num_shares` > 1 the batch is drawn as `num_shares` shares of `batch_size // num_shares`
+  patches, share s keyed by (seed, step, s), and this returns the shares `shares` concatenated:
+  the part of the batch one process of a multi-process run feeds (hemijax.training.sharding).
 
   With `sampling="balanced"` the first `balanced_fraction` of `config.train.num_steps` draws
   class-balanced centres, then uniform ones. Steps count from `step_offset` (a stage that starts
@@ -277,7 +281,10 @@ def make_patch_batches(config, volumes, step_offset: int = 0):
       samplers[strategy] = Sampler(
           volumes, patch_size=tuple(d.patch_size), strategy=strategy,
           lesion_class=d.get("lesion_class", None))
-    rng = np.random.default_rng((config.seed, step))
-    return samplers[strategy].sample(rng, d.batch_size)
+    if num_shares == 1:
+      return samplers[strategy].sample(np.random.default_rng((config.seed, step)), d.batch_size)
+    parts = [samplers[strategy].sample(np.random.default_rng((config.seed, step, share)),
+                                       d.batch_size // num_shares) for share in shares]
+    return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
 
   return make_batch

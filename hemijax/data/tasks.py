@@ -1,7 +1,9 @@
 """Segmentation tasks: which modalities, which label values, which evaluation regions.
 
 Modality names are the lower-case BraTS file suffixes everywhere (configs, CLIs, the Python API).
-Label values are those written in the files; a model's class id is the index into `label_values`.
+Label values are the task's (BraTS's for `tumor`); a dataset that stores other values for the same
+classes declares them in dataset.json and `hemijax.data.labels` pairs them with these. A model's
+class id is the index into `label_values`.
 """
 from __future__ import annotations
 

@@ -1,13 +1,14 @@
 """Dataset integrity check (like nnU-Net's): every problem as one `path: problem` line.
 
-Uses the same discovery and per-case checks as training (`layouts.discover_cases_and_problems`,
+Uses the same discovery, label mapping, split choice and per-case checks as training
+(`layouts.discover_cases_and_problems`, `layouts.dataset_label_mapping`, `splits.choose`,
 `preprocess.check_case`), in their collecting mode, so there is one copy of the rules.
 """
 from __future__ import annotations
 
 import dataclasses
 
-from hemijax.data import layouts
+from hemijax.data import layouts, splits as splits_lib
 from hemijax.data.io import DataError
 from hemijax.data.preprocess import check_case, select_split
 from hemijax.data.tasks import KNOWN_MODALITIES, get_task
@@ -23,48 +24,71 @@ class Report:
   missing_images: int = 0
   unlabelled: int = 0
   label_values: tuple[int, ...] = ()
+  labels: str = ""  # how label values pair with the task's, when a task was given
+  split: str = ""   # which split a training run will use
 
   @property
   def ok(self) -> bool:
     return not self.problems
 
   def summary(self) -> str:
-    return (f"OK: {self.num_cases} case(s) in the {self.layout} layout, "
-            f"{self.missing_images} missing modality file(s), {self.unlabelled} case(s) without "
-            f"label, label values {self.label_values}")
+    lines = [f"OK: {self.num_cases} case(s) in the {self.layout} layout, "
+             f"{self.missing_images} missing modality file(s), {self.unlabelled} case(s) without "
+             f"label, label values {self.label_values}"]
+    lines += [line for line in (self.labels, self.split) if line]
+    return "\n".join(lines)
 
 
-def verify_dataset(root, *, layout="auto", modalities=None, label_values=None) -> Report:
+def verify_dataset(root, *, layout="auto", modalities=None, label_values=None, task=None,
+                   splits_file=None) -> Report:
   """Checks every case under `root`; returns a Report whose `problems` are `path: problem` lines.
 
-  `label_values` defaults to the dataset's own declaration (nnU-Net dataset.json), else BraTS's.
+  `label_values` defaults to those `task` (a name) maps the dataset's declaration onto (nnU-Net
+  dataset.json `labels`), else to the declared values, else BraTS's. `splits_file`: the split file
+  a run would be given (config.data.splits_file); the report says which split a run will use.
   """
   try:
     if layout == "auto":
       layout = layouts.detect_layout(root)
     cases, errors = layouts.discover_cases_and_problems(root, layout, modalities, collect=True)
-    if label_values is None:
-      label_values = layouts.dataset_label_values(root, layout) or DEFAULT_LABEL_VALUES
   except DataError as e:
     return Report([str(e)], layout if layout != "auto" else None)
+  problems = [str(e) for e in errors]
+  labels_line = ""
+  if label_values is None:
+    try:
+      if task is not None:
+        mapping = layouts.dataset_label_mapping(root, get_task(task), layout)
+        label_values, labels_line = mapping.file_values, f"labels: {mapping.describe()}"
+      else:
+        label_values = layouts.dataset_label_values(root, layout)
+    except DataError as e:
+      problems.append(str(e))
+      try:  # still check the files against what the dataset declares
+        label_values = layouts.dataset_label_values(root, layout)
+      except DataError:
+        pass
+    label_values = label_values or DEFAULT_LABEL_VALUES
   # Missing files are counted against the modalities asked for, else those any case has.
   seen = {m for c in cases for m in c.images}
   wanted = (tuple(modalities) if modalities is not None
             else tuple(m for m in KNOWN_MODALITIES if m in seen))
-  problems = [str(e) for e in errors]
-  report = Report(problems, layout, len(cases), label_values=tuple(int(v) for v in label_values))
+  report = Report(problems, layout, len(cases), label_values=tuple(int(v) for v in label_values),
+                  labels=labels_line)
   for case in cases:
     _, case_errors = check_case(case, wanted, label_values, collect=True)
     problems += [str(e) for e in case_errors]
     report.missing_images += sum(m not in case.images for m in wanted)
     report.unlabelled += case.label is None
   try:
-    splits = layouts.read_splits(root)
-    for name in splits or {}:
-      try:
-        select_split(cases, root, name)
-      except DataError as e:
-        problems.append(str(e))
+    choice = splits_lib.choose(cases, root, splits_file)
+    report.split = choice.describe()
+    if choice.origin != "generated":
+      for name in choice.splits:
+        try:
+          select_split(cases, root, name, choice.splits, choice.path)
+        except DataError as e:
+          problems.append(str(e))
   except DataError as e:
     problems.append(str(e))
   return report

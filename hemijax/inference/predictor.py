@@ -1,13 +1,20 @@
 """Loading a trained run and predicting: the Python API behind predict.py and evaluate.py.
 
   predictor = hemijax.load_predictor("runs/hemis")
-  labels = predictor.predict({"flair": flair, "t1": t1})        # any non-empty subset, 3D arrays
+  img = nibabel.load("flair.nii.gz")
+  labels = predictor.predict({"FLAIR": img.get_fdata(), "t1": t1}, img.affine)  # any subset
 
-Inputs are raw intensities in their file grid; preprocessing (brain crop, normalisation) and its
-inverse happen inside, so the label map comes back in the input's grid with the dataset's values.
+Inputs are 3D arrays in their file grid with the file's affine (required: it gives the voxel
+spacing; a missing, non-finite or degenerate one is refused). Intensities must be the raw scanner
+values (or any scaling) of skull-stripped scans, background exactly 0: the brain is taken as the
+voxels non-zero in any scan, and an image without a 0 voxel (mean-subtracted) is refused.
+Preprocessing (brain crop, resampling, normalisation) and its inverse happen inside, so the label
+map comes back in the input's grid with the dataset's values. Modality names are normalised as the
+CLI's (`hemijax.inference.inputs`).
 """
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from typing import Mapping
 
@@ -16,16 +23,30 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from hemijax.inference import sliding_window as inference
+from hemijax.inference import inputs, sliding_window as inference
 from hemijax.data import preprocess
 from hemijax.data.tasks import check_modalities, get_task
 from hemijax.models import get_method
 from hemijax.training import checkpoints
 
 
+def checkpoint_step(step, option: str = "--step"):
+  """"best", "latest" or a step number (int); ValueError naming `option` otherwise."""
+  if step in ("best", "latest"):
+    return step
+  try:
+    number = int(str(step).strip())
+  except ValueError:
+    number = -1
+  if number < 0:
+    raise ValueError(f"{option} {step!r}: expected best, latest or a step number")
+  return number
+
+
 def load_run(workdir, step="best", return_step=False):
   """(config, method, variables) of a workdir's checkpoint: "best", "latest" or a step number;
   with `return_step`, also the step that was loaded."""
+  step = checkpoint_step(step)
   workdir = pathlib.Path(workdir)
   config = ml_collections.ConfigDict(checkpoints.load_config_dict(workdir))
   method = get_method(config)
@@ -64,6 +85,7 @@ class Predictor:
     self.config, self.method, self.variables, self.step = load_run(workdir, step, return_step=True)
     self.task = get_task(self.config.task)
     self.modalities = tuple(self.method.modalities)
+    self.window = inference.WindowSettings.from_config(self.config)
     self._forward = inference.make_window_forward(self.method, self.variables)
 
   def unnamed_inputs(self):
@@ -75,18 +97,25 @@ class Predictor:
 
   def probabilities(self, volume: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """(S, X, Y, Z, C) probabilities of a preprocessed volume for each mask (S, M)."""
-    e = self.config.eval
-    return inference.predict_probabilities(
-        self.method, self.variables, volume, masks,
-        roi=e.roi_size or self.config.data.patch_size, overlap=e.overlap,
-        batch_size=e.sw_batch_size, blend=e.blend, forward=self._forward)
+    return inference.predict_probabilities(self.method, self.variables, volume, masks,
+                                           self.window, forward=self._forward)
 
-  def preprocess(self, images: Mapping[str, np.ndarray], affine=None) -> preprocess.Volume:
+  def preprocess(self, images: Mapping[str, np.ndarray], affine) -> preprocess.Volume:
+    """Checks and preprocesses {modality: 3D array} with their affine (see the module docstring)."""
+    images = inputs.normalise_names(images, option="images")
     names = check_modalities(images.keys(), allowed=self.modalities, option="images")
-    arrays = {n: np.asarray(images[n], np.float32) for n in names}
-    affine = np.eye(4) if affine is None else np.asarray(affine, np.float64)
-    raw = preprocess.raw_case_from_arrays(arrays, affine)
-    return preprocess.preprocess_raw(raw, "input", self.modalities, self.task.label_values,
+    affine = inputs.check_affine(affine)
+    raw = preprocess.raw_case_from_arrays({n: np.asarray(images[n], np.float32) for n in names},
+                                          affine)
+    return self.preprocess_raw(raw, "input")
+
+  def preprocess_raw(self, raw: preprocess.RawCase, case_id: str, where=None) -> preprocess.Volume:
+    """Preprocesses checked arrays (`raw.label` is ignored: prediction never reads ground truth);
+    `where(modality)` names an image in messages (a file, or `images[...]`)."""
+    inputs.check_affine(raw.affine, where=where(next(iter(raw.images))) if where else "affine")
+    inputs.check_background(raw.images, where)
+    raw = dataclasses.replace(raw, label=None)
+    return preprocess.preprocess_raw(raw, case_id, self.modalities, self.task.label_values,
                                      target_spacing=self.config.data.target_spacing)
 
   def predict_volume(self, volume: preprocess.Volume, return_probabilities=False):
@@ -101,8 +130,9 @@ class Predictor:
     out[..., 0] += 1.0 - out.sum(-1).clip(0, 1)
     return out.astype(np.float32)
 
-  def predict(self, images, affine=None, return_probabilities=False):
-    """Label map (dataset label values) in the input grid from a {modality: 3D array} mapping.
+  def predict(self, images, affine, return_probabilities=False):
+    """Label map (dataset label values) in the input grid from a {modality: 3D array} mapping and
+    the arrays' 4x4 affine (required; see the module docstring for the intensities expected).
 
     Methods that take unnamed inputs (`Method.unnamed_inputs`) also take a list of 3D scans.
     """

@@ -7,6 +7,7 @@ features (models without `encode` fall back to one full forward per subset).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
@@ -17,8 +18,45 @@ import numpy as np
 from hemijax.models.base import Method
 
 
+BLENDS = ("gaussian", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowSettings:
+  """How a volume is cut into windows and blended back: the one place these settings are made.
+
+  `roi`: the 3D window in voxels (None: the whole volume; 2D models always use whole axial
+  slices); `overlap`: fraction of a window shared with its neighbour, in [0, 1); `batch_size`:
+  windows per forward call; `blend`: "gaussian" (nnU-Net/MONAI) or "constant" weights.
+  """
+  roi: tuple[int, ...] | None = None
+  overlap: float = 0.5
+  batch_size: int = 4
+  blend: str = "gaussian"
+
+  def __post_init__(self):
+    if self.roi is not None:
+      roi = tuple(int(r) for r in self.roi)
+      if not roi or min(roi) < 1:
+        raise ValueError(f"eval.roi_size: expected positive window sizes, got {self.roi}")
+      object.__setattr__(self, "roi", roi)
+    if not 0.0 <= float(self.overlap) < 1.0:
+      raise ValueError(f"eval.overlap: expected a fraction in [0, 1), got {self.overlap}")
+    if int(self.batch_size) < 1:
+      raise ValueError(f"eval.sw_batch_size: expected a positive count, got {self.batch_size}")
+    if self.blend not in BLENDS:
+      raise ValueError(f"eval.blend: expected one of {BLENDS}, got {self.blend!r}")
+
+  @classmethod
+  def from_config(cls, config) -> "WindowSettings":
+    """The settings of a run's config: `config.eval` (roi_size None: the training patch)."""
+    e = config.eval
+    return cls(roi=e.roi_size or tuple(config.data.patch_size), overlap=float(e.overlap),
+               batch_size=int(e.sw_batch_size), blend=e.blend)
+
+
 def subset_masks(subsets, modalities) -> np.ndarray:
-  """(S, M) bool masks of modality-name subsets (see `hemijax.evaluation.report.all_subsets`)."""
+  """(S, M) bool masks of modality-name subsets (see `hemijax.evaluation.subsets.all_subsets`)."""
   masks = np.zeros((len(subsets), len(modalities)), bool)
   for i, subset in enumerate(subsets):
     masks[i] = [m in subset for m in modalities]
@@ -72,13 +110,14 @@ def make_window_forward(method: Method, variables, share_encoder: bool = True):
   return lambda windows, masks: jitted(variables, windows, masks)
 
 
-def predict_probabilities(method: Method, variables, volume: np.ndarray, masks: np.ndarray, *,
-                          roi=None, overlap: float = 0.5, batch_size: int = 4,
-                          blend: str = "gaussian", forward=None) -> np.ndarray:
+def predict_probabilities(method: Method, variables, volume: np.ndarray, masks: np.ndarray,
+                          settings: WindowSettings = WindowSettings(), *,
+                          forward=None) -> np.ndarray:
   """Class probabilities `(S, X, Y, Z, C)` of `volume (X, Y, Z, M)` for each mask in `masks (S, M)`.
 
-  `roi`: the 3D window (None: the whole volume); 2D models always use whole axial slices.
-  Absent modalities must already be zero in `volume`; the masks say what each subset uses.
+  `settings`: the windows (`WindowSettings.from_config(config)` for a run's; the default is the
+  whole volume). Absent modalities must already be zero in `volume`; the masks say what each
+  subset uses. `forward`: a `make_window_forward` to reuse (compiled once).
   """
   volume = np.asarray(volume, np.float32)
   masks = np.asarray(masks, bool)
@@ -87,6 +126,8 @@ def predict_probabilities(method: Method, variables, volume: np.ndarray, masks: 
   if masks.ndim != 2 or masks.shape[1] != volume.shape[-1] or not masks.any(-1).all():
     raise ValueError(f"masks must be (subsets, {volume.shape[-1]}) with none empty, got {masks.shape}")
   forward = forward or make_window_forward(method, variables)
+  roi, overlap, batch_size, blend = (settings.roi, settings.overlap, settings.batch_size,
+                                     settings.blend)
   mult = method.size_multiple
   shape = volume.shape[:3]
   if method.spatial_dims == 2:

@@ -6,6 +6,10 @@ channels-last `image (B, *spatial, M)` and a boolean `modality_mask (B, M)` to l
 features `(B, M, ...)` and `decode(features, modality_mask)` -> logits, so that evaluation encodes
 each modality once and decodes every subset from the same features.
 
+A model's fields are its config section (`model_from_config`: `Model(**config.model)` plus the
+few taken from the task); its top level turns `conv_impl` into one convolution factory
+(`hemijax.nn.layers.conv_factory`) that its layers take as `conv`.
+
 `loss_fn(params, model_state, batch, key, step) -> (loss, (metrics, new_model_state))` is pure;
 `model_state` holds the non-trained collections (e.g. batch statistics), `{}` for most models.
 The training loop and evaluation only ever see a `Method`.
@@ -122,12 +126,46 @@ def zero_missing(image, modality_mask):
   return jnp.where(modality_mask[:, *([None] * (image.ndim - 2)), :], image, 0)
 
 
+def model_from_config(model_cls, model_config, **derived) -> nn.Module:
+  """`model_cls(**derived, **config.model)` (big_vision's habit): the fields of the config's `model`
+  section are the model's settings; `derived` are the few a method takes from elsewhere (the
+  task's num_modalities and num_classes, a variant). Sequences become tuples (hashable; a config
+  restored from JSON holds lists)."""
+  settings = {key: tuple(value) if isinstance(value, (list, tuple)) else value
+              for key, value in model_config.items()}
+  fields = {f.name for f in dataclasses.fields(model_cls) if f.init} - {"parent", "name"}
+  allowed = fields - set(derived)   # the derived ones come from elsewhere in the config
+  unknown = sorted(set(settings) - allowed)
+  if unknown:
+    raise ValueError(f"config.model.{unknown[0]}: not a setting of {model_cls.__name__} "
+                     f"(its settings: {', '.join(sorted(allowed))})")
+  return model_cls(**derived, **settings)
+
+
+def settings_of(module: nn.Module, settings_cls) -> dict:
+  """`module`'s values of the fields of `settings_cls`, a block of settings that several models
+  share (e.g. a U-Net's): the keyword arguments of the sub-model that block describes."""
+  return {f.name: getattr(module, f.name) for f in dataclasses.fields(settings_cls)
+          if f.init and f.name not in ("parent", "name")}
+
+
+def batch_segmentation_loss(logits, batch, loss_config):
+  """`losses.segmentation_loss` against the batch's label (valid voxels only), with the weights
+  of `config.loss`: (loss, terms)."""
+  return losses.segmentation_loss(
+      logits, batch["label"], batch.get("valid"), ce_weight=loss_config.ce_weight,
+      dice_weight=loss_config.dice_weight, class_weights=loss_config.get("class_weights"))
+
+
+def modalities_kept(modality_mask):
+  """Mean number of modalities a batch item kept after modality dropout (a training metric)."""
+  return jnp.mean(jnp.sum(modality_mask, axis=-1))
+
+
 def supervised_segmentation_loss(model: nn.Module, config) -> LossFn:
   """Loss for models trained end to end on segmentation with a modality-dropout sampler."""
   sampler = dropout_lib.make_sampler(config.dropout)
-  loss_cfg = config.loss
-  class_weights = loss_cfg.get("class_weights", None)
-  mutable = list(loss_cfg.get("mutable", ()))
+  mutable = list(config.loss.get("mutable", ()))
 
   def loss_fn(params, model_state, batch, key, step):
     dropout_key, model_key = jax.random.split(key)
@@ -140,12 +178,8 @@ def supervised_segmentation_loss(model: nn.Module, config) -> LossFn:
       logits = model.apply(variables, batch["image"], mask, train=True,
                            rngs={"dropout": model_key})
       new_state = model_state
-    valid = batch.get("valid")
-    ce = losses.cross_entropy(logits, batch["label"], valid, class_weights)
-    dice = losses.soft_dice(logits, batch["label"], valid)
-    loss = loss_cfg.ce_weight * ce + loss_cfg.dice_weight * dice
-    metrics = {"loss": loss, "cross_entropy": ce, "soft_dice_loss": dice,
-               "modalities_kept": jnp.mean(jnp.sum(mask, axis=-1))}
+    loss, terms = batch_segmentation_loss(logits, batch, config.loss)
+    metrics = {"loss": loss, **terms, "modalities_kept": modalities_kept(mask)}
     return loss, (metrics, dict(new_state))
 
   return loss_fn

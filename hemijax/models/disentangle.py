@@ -47,8 +47,8 @@ def _flat_variance_scaling(scale: float):
   return init
 
 
-# Every convolution and dense layer of this model, with the fast-compiling initialisers.
-_Conv = functools.partial(layers.Conv, kernel_init=_flat_variance_scaling(2.0))
+# Every dense layer of this model, with the fast-compiling initialiser (the convolutions get theirs
+# in `Disentangle.setup`).
 _Dense = functools.partial(nn.Dense, kernel_init=_flat_variance_scaling(1.0))
 
 
@@ -60,55 +60,50 @@ def _instance_norm(**kwargs):
 class ResidualBlock(nn.Module):
   """conv-IN-lReLU-conv-IN plus a (strided 1x1) projection shortcut, then leaky-ReLU."""
   features: int
+  conv: layers.ModuleDef
+  negative_slope: float
   strides: int = 1
   kernel_size: int = 3
-  negative_slope: float = 0.01
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     act = lambda v: nn.leaky_relu(v, self.negative_slope)
-    h = _Conv(self.features, self.kernel_size, strides=self.strides, use_bias=False,
-              impl=self.conv_impl)(x)
+    h = self.conv(self.features, self.kernel_size, strides=self.strides, use_bias=False)(x)
     h = act(_instance_norm()(h))
-    h = _Conv(self.features, self.kernel_size, use_bias=False, impl=self.conv_impl)(h)
-    h = _instance_norm()(h)
+    h = _instance_norm()(self.conv(self.features, self.kernel_size, use_bias=False)(h))
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
-      shortcut = _Conv(self.features, 1, strides=self.strides, use_bias=False,
-                       impl=self.conv_impl)(x)
+      shortcut = self.conv(self.features, 1, strides=self.strides, use_bias=False)(x)
     return act(h + shortcut)
 
 
 class ContentEncoder(nn.Module):
   """One modality's E^c: (B, *sp, 1) -> a list of codes, one per scale, finest first."""
-  features: Sequence[int] = (16, 32, 64, 128)
-  negative_slope: float = 0.01
-  conv_impl: str = "auto"
+  conv: layers.ModuleDef
+  features: Sequence[int]
+  negative_slope: float
 
   @nn.compact
   def __call__(self, x):
     codes = []
     for level, width in enumerate(self.features):
-      x = ResidualBlock(width, strides=1 if level == 0 else 2,
-                        negative_slope=self.negative_slope, conv_impl=self.conv_impl)(x)
+      x = ResidualBlock(width, self.conv, self.negative_slope, strides=1 if level == 0 else 2)(x)
       codes.append(x)
     return tuple(codes)
 
 
 class AppearanceEncoder(nn.Module):
   """One modality's E^a: convolutions, global average pooling, dense -> (mean, log_var)."""
-  features: Sequence[int] = (16, 32, 64, 64, 64)
-  strides: Sequence[int] = (1, 2, 2, 2, 2)
-  code_size: int = 8
-  negative_slope: float = 0.01
-  conv_impl: str = "auto"
+  conv: layers.ModuleDef
+  features: Sequence[int]
+  strides: Sequence[int]
+  code_size: int
+  negative_slope: float
 
   @nn.compact
   def __call__(self, x):
     for width, stride in zip(self.features, self.strides):
-      x = nn.leaky_relu(_Conv(width, 3, strides=stride, impl=self.conv_impl)(x),
-                        self.negative_slope)
+      x = nn.leaky_relu(self.conv(width, 3, strides=stride)(x), self.negative_slope)
     pooled = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
     stats = _Dense(2 * self.code_size)(pooled)
     return stats[..., :self.code_size], stats[..., self.code_size:]
@@ -121,9 +116,9 @@ class ReconstructionDecoder(nn.Module):
   scale and shift from a dense layer), since a constant code concatenated to the content would be
   removed by the normalisation.
   """
-  features: Sequence[int] = (128, 64, 32, 16)  # coarsest first
-  negative_slope: float = 0.01
-  conv_impl: str = "auto"
+  conv: layers.ModuleDef
+  features: Sequence[int]   # coarsest first
+  negative_slope: float
 
   @nn.compact
   def __call__(self, z, appearance_code):
@@ -132,18 +127,61 @@ class ReconstructionDecoder(nn.Module):
     for level, width in enumerate(self.features):
       if level > 0:
         x = layers.upsample(x)
-      x = _Conv(width, 3, use_bias=False, impl=self.conv_impl)(x)
+      x = self.conv(width, 3, use_bias=False)(x)
       x = _instance_norm(use_scale=False, use_bias=False)(x)
       scale, shift = jnp.split(_Dense(2 * width)(appearance_code), 2, axis=-1)
       x = x * (1 + scale[:, *spatial_axes, :]) + shift[:, *spatial_axes, :]
       x = nn.leaky_relu(x, self.negative_slope)
-    return _Conv(1, 1, impl=self.conv_impl)(x)[..., 0]
+    return self.conv(1, 1)(x)[..., 0]
 
 
-def _stacked(module_cls, num_modalities, in_axes=0):
-  """`module_cls` with parameters stacked on a leading modality axis, applied with vmap."""
-  return nn.vmap(module_cls, in_axes=in_axes, out_axes=0, variable_axes={"params": 0},
-                 split_rngs={"params": True}, axis_size=num_modalities)
+def _adain(x, appearance_code, width):
+  """Instance normalisation without its own affine, then a per-channel scale and shift from the
+  appearance code (a dense layer): AdaIN."""
+  spatial_axes = (None,) * (x.ndim - 2)
+  x = _instance_norm(use_scale=False, use_bias=False)(x)
+  scale, shift = jnp.split(_Dense(2 * width)(appearance_code), 2, axis=-1)
+  return x * (1 + scale[:, *spatial_axes, :]) + shift[:, *spatial_axes, :]
+
+
+class AdaINResidualBlock(nn.Module):
+  """conv-AdaIN-lReLU-conv-AdaIN plus the input, at constant width and resolution."""
+  conv: layers.ModuleDef
+  features: int
+  negative_slope: float
+
+  @nn.compact
+  def __call__(self, x, appearance_code):
+    h = self.conv(self.features, 3, use_bias=False)(x)
+    h = nn.leaky_relu(_adain(h, appearance_code, self.features), self.negative_slope)
+    h = _adain(self.conv(self.features, 3, use_bias=False)(h), appearance_code, self.features)
+    return x + h
+
+
+class ResidualReconstructionDecoder(nn.Module):
+  """One modality's D^r(z, a) as the paper describes it: residual blocks (AdaIN) on the fused
+  bottleneck, then upsampling + conv (AdaIN) layers back to full resolution, then a 1x1 conv.
+
+  One upsampling per encoder downsampling (len(features) - 1): the paper's 4 upsamplings go with
+  its encoder's 4 halvings; this encoder's first block keeps the resolution.
+  """
+  conv: layers.ModuleDef
+  features: Sequence[int]   # coarsest first
+  negative_slope: float
+  num_blocks: int = 4
+
+  @nn.compact
+  def __call__(self, z, appearance_code):
+    x = self.conv(self.features[0], 1)(z) if z.shape[-1] != self.features[0] else z
+    for _ in range(self.num_blocks):
+      x = AdaINResidualBlock(self.conv, self.features[0], self.negative_slope)(x, appearance_code)
+    for width in self.features[1:]:
+      x = self.conv(width, 3, use_bias=False)(layers.upsample(x))
+      x = nn.leaky_relu(_adain(x, appearance_code, width), self.negative_slope)
+    return self.conv(1, 1)(x)[..., 0]
+
+
+RECONSTRUCTION_DECODERS = ("conv", "residual")
 
 
 class GatedFusion(nn.Module):
@@ -155,19 +193,18 @@ class GatedFusion(nn.Module):
   """
   features: int
   num_modalities: int
+  conv: layers.ModuleDef
   gate_kernel: int = 3
   negative_slope: float = 0.01
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, codes, modality_mask):
     present = fusion.expand_modality_mask(modality_mask, codes.ndim)
     codes = jnp.where(present, codes, 0)
     concat = lambda c: jnp.concatenate([c[:, i] for i in range(self.num_modalities)], axis=-1)
-    gates = nn.sigmoid(_Conv(self.num_modalities, self.gate_kernel,
-                             impl=self.conv_impl)(concat(codes)))
+    gates = nn.sigmoid(self.conv(self.num_modalities, self.gate_kernel)(concat(codes)))
     gated = codes * jnp.moveaxis(gates, -1, 1)[..., None]
-    fused = _Conv(self.features, 1, impl=self.conv_impl)(concat(gated))
+    fused = self.conv(self.features, 1)(concat(gated))
     return nn.leaky_relu(fused, self.negative_slope)
 
 
@@ -176,20 +213,18 @@ class SegmentationDecoder(nn.Module):
   scale's width, concatenate the fused skip code, residual block; then a 1x1 classifier."""
   features: Sequence[int]
   num_classes: int
-  negative_slope: float = 0.01
-  conv_impl: str = "auto"
+  conv: layers.ModuleDef
+  negative_slope: float
 
   @nn.compact
   def __call__(self, fused):
-    x = ResidualBlock(self.features[-1], negative_slope=self.negative_slope,
-                      conv_impl=self.conv_impl)(fused[-1])
+    x = ResidualBlock(self.features[-1], self.conv, self.negative_slope)(fused[-1])
     for level in reversed(range(len(self.features) - 1)):
       width = self.features[level]
-      x = _Conv(width, 3, impl=self.conv_impl)(layers.upsample(x))
-      x = nn.leaky_relu(x, self.negative_slope)
+      x = nn.leaky_relu(self.conv(width, 3)(layers.upsample(x)), self.negative_slope)
       x = jnp.concatenate([x, fused[level]], axis=-1)
-      x = ResidualBlock(width, negative_slope=self.negative_slope, conv_impl=self.conv_impl)(x)
-    return _Conv(self.num_classes, 1, impl=self.conv_impl)(x)
+      x = ResidualBlock(width, self.conv, self.negative_slope)(x)
+    return self.conv(self.num_classes, 1)(x)
 
 
 class Disentangle(nn.Module):
@@ -205,21 +240,32 @@ class Disentangle(nn.Module):
   appearance_strides: Sequence[int] = (1, 2, 2, 2, 2)
   appearance_size: int = 8
   negative_slope: float = 0.01
+  # D^r: "conv" (conv + AdaIN per scale) or "residual" (the paper's: residual blocks, then
+  # upsampling + conv layers); `reconstruction_blocks` residual blocks.
+  reconstruction_decoder: str = "conv"
+  reconstruction_blocks: int = 4
   conv_impl: str = "auto"
 
   def setup(self):
-    m, slope, impl = self.num_modalities, self.negative_slope, self.conv_impl
+    m, slope = self.num_modalities, self.negative_slope
+    # Every convolution of this model, with the fast-compiling initialiser.
+    conv = layers.conv_factory(self.conv_impl, kernel_init=_flat_variance_scaling(2.0))
     widths = tuple(self.content_features)
-    self.content_encoders = _stacked(ContentEncoder, m)(widths, slope, impl)
+    self.content_encoders = layers.per_modality(ContentEncoder, m)(conv, widths, slope)
     if self.fusion == "gated":
-      self.fusers = [GatedFusion(w, m, self.gate_kernel, slope, impl) for w in widths]
-    self.segmentation_decoder = SegmentationDecoder(widths, self.num_classes, slope, impl)
+      self.fusers = [GatedFusion(w, m, conv, self.gate_kernel, slope) for w in widths]
+    self.segmentation_decoder = SegmentationDecoder(widths, self.num_classes, conv, slope)
     if self.disentangle:
-      self.appearance_encoders = _stacked(AppearanceEncoder, m)(
-          tuple(self.appearance_features), tuple(self.appearance_strides), self.appearance_size,
-          slope, impl)
-      self.reconstruction_decoders = _stacked(ReconstructionDecoder, m, in_axes=(None, 0))(
-          widths[::-1], slope, impl)
+      self.appearance_encoders = layers.per_modality(AppearanceEncoder, m)(
+          conv, tuple(self.appearance_features), tuple(self.appearance_strides),
+          self.appearance_size, slope)
+      if self.reconstruction_decoder == "residual":
+        self.reconstruction_decoders = layers.per_modality(
+            ResidualReconstructionDecoder, m, in_axes=(None, 0))(
+                conv, widths[::-1], slope, self.reconstruction_blocks)
+      else:
+        self.reconstruction_decoders = layers.per_modality(
+            ReconstructionDecoder, m, in_axes=(None, 0))(conv, widths[::-1], slope)
 
   @property
   def size_multiple(self) -> int:
@@ -227,8 +273,7 @@ class Disentangle(nn.Module):
 
   def encode(self, image, train=False):
     """(B, *sp, M) -> content codes: a tuple over scales of (B, M, *sp_s, C_s), finest first."""
-    per_modality = jnp.moveaxis(image, -1, 0)[..., None]
-    return tuple(jnp.moveaxis(c, 0, 1) for c in self.content_encoders(per_modality))
+    return layers.apply_per_modality(self.content_encoders, image)
 
   def fuse(self, features, modality_mask):
     """Fused content code at every scale, from the modalities in the mask only."""
@@ -243,8 +288,7 @@ class Disentangle(nn.Module):
 
   def appearance(self, image, train=False):
     """(mean, log_var, code), each (B, M, appearance_size); the code is sampled when training."""
-    per_modality = jnp.moveaxis(image, -1, 0)[..., None]
-    mean, log_var = (jnp.moveaxis(s, 0, 1) for s in self.appearance_encoders(per_modality))
+    mean, log_var = layers.apply_per_modality(self.appearance_encoders, image)
     code = mean
     if train:
       # Drawn flat: see `_flat_variance_scaling` on compiling random bits of many-axis shapes.
@@ -280,17 +324,42 @@ class Disentangle(nn.Module):
     return self.decode(self.encode(image), modality_mask)
 
 
-def masked_appearance_kl(mean, log_var, available):
-  """KL(q(a_i) || N(0, I)) averaged over the (subject, modality) pairs that are available."""
+MODALITY_REDUCTIONS = ("sum", "mean")
+
+
+def masked_appearance_kl(mean, log_var, available, reduction="sum"):
+  """KL(q(a_i) || N(0, I)) of every available (subject, modality) pair.
+
+  "sum" (the paper's Eq. 3): summed over the available modalities, averaged over the batch.
+  "mean": averaged over the available (subject, modality) pairs (1 / M of "sum" with all present).
+  """
   per_code = jax.vmap(jax.vmap(lambda m, v: losses.gaussian_kl(m[None], v[None])))(mean, log_var)
   per_code = jnp.where(available, per_code, 0)
+  if reduction == "sum":
+    return jnp.sum(per_code) / available.shape[0]
   return jnp.sum(per_code) / jnp.maximum(jnp.sum(available), 1)
+
+
+def reconstruction_l1(reconstruction, target, rec_valid, reduction="sum"):
+  """L1 reconstruction loss of `(B, *sp, M)` images; `rec_valid (B, *sp, M)` marks the voxels of
+  available modalities.
+
+  "sum" (the paper's Eq. 1): per modality, the mean absolute error over its valid voxels, summed
+  over the modalities. "mean": the mean over every valid voxel of every modality.
+  """
+  if reduction == "mean":
+    return losses.masked_l1(reconstruction, target, rec_valid)
+  weight = jnp.asarray(rec_valid, jnp.float32)
+  axes = tuple(range(reconstruction.ndim - 1))
+  error = jnp.sum(jnp.abs(reconstruction - target) * weight, axis=axes)
+  return jnp.sum(error / jnp.maximum(jnp.sum(weight, axis=axes), 1.0))
 
 
 def make_loss_fn(model: Disentangle, config):
   """Dice + per-batch weighted CE (+ rec_weight * L1 reconstruction + kl_weight * KL)."""
   sampler = dropout_lib.make_sampler(config.dropout)
   loss_cfg = config.loss
+  reduction = loss_cfg.get("modality_reduction", "sum")
 
   def loss_fn(params, model_state, batch, key, step):
     dropout_key, sample_key = jax.random.split(key)
@@ -302,11 +371,9 @@ def make_loss_fn(model: Disentangle, config):
     # Clamped: under jit, XLA's division can make 1 - n/n a tiny negative number for a class that
     # fills the batch, and cross_entropy would divide that by its 1e-8 floor (a huge negative CE).
     weights = jnp.maximum(losses.batch_class_weights(labels, model.num_classes, valid), 0.0)
-    ce = losses.cross_entropy(logits, labels, valid, weights)
-    dice = losses.soft_dice(logits, labels, valid)
-    loss = loss_cfg.ce_weight * ce + loss_cfg.dice_weight * dice
-    metrics = {"cross_entropy": ce, "soft_dice_loss": dice,
-               "modalities_kept": jnp.mean(jnp.sum(mask, axis=-1))}
+    loss, terms = losses.segmentation_loss(logits, labels, valid, ce_weight=loss_cfg.ce_weight,
+                                           dice_weight=loss_cfg.dice_weight, class_weights=weights)
+    metrics = {**terms, "modalities_kept": base.modalities_kept(mask)}
     if model.disentangle:
       spatial = (None,) * (logits.ndim - 2)
       rec_valid = available[:, *spatial, :]
@@ -314,8 +381,9 @@ def make_loss_fn(model: Disentangle, config):
         rec_valid = rec_valid & valid[..., None]
       # Targets of unavailable slots are zeroed first: their values never reach the loss.
       target = base.zero_missing(batch["image"], available)
-      rec = losses.masked_l1(out["reconstruction"], target, rec_valid)
-      kl = masked_appearance_kl(out["appearance_mean"], out["appearance_log_var"], available)
+      rec = reconstruction_l1(out["reconstruction"], target, rec_valid, reduction)
+      kl = masked_appearance_kl(out["appearance_mean"], out["appearance_log_var"], available,
+                                reduction)
       loss = loss + loss_cfg.reconstruction_weight * rec + loss_cfg.kl_weight * kl
       metrics.update(reconstruction_l1=rec, appearance_kl=kl)
     return loss, (dict(metrics, loss=loss), dict(model_state))
@@ -329,18 +397,21 @@ def build(config) -> base.Method:
   m = config.model
   if m.fusion not in FUSIONS:
     raise ValueError(f"config.model.fusion: unknown fusion {m.fusion!r}; choose one of {FUSIONS}")
+  if m.get("reconstruction_decoder", "conv") not in RECONSTRUCTION_DECODERS:
+    raise ValueError(f"config.model.reconstruction_decoder: unknown decoder "
+                     f"{m.reconstruction_decoder!r}; choose one of {RECONSTRUCTION_DECODERS}")
+  reduction = config.loss.get("modality_reduction", "sum")
+  if reduction not in MODALITY_REDUCTIONS:
+    raise ValueError(f"config.loss.modality_reduction: unknown {reduction!r}; "
+                     f"choose one of {MODALITY_REDUCTIONS}")
   if len(config.data.patch_size) != 3:
     raise ValueError(f"config.data.patch_size: disentangle is a 3D model, expected 3 sizes, got "
                      f"{tuple(config.data.patch_size)}")
   if len(m.appearance_features) != len(m.appearance_strides):
     raise ValueError("config.model.appearance_strides: needs one stride per appearance_features "
                      f"entry, got {len(m.appearance_strides)} for {len(m.appearance_features)}")
-  model = Disentangle(
-      num_modalities=len(modalities), num_classes=task.num_classes,
-      content_features=tuple(m.content_features), fusion=m.fusion, gate_kernel=m.gate_kernel,
-      disentangle=bool(m.disentangle), appearance_features=tuple(m.appearance_features),
-      appearance_strides=tuple(m.appearance_strides), appearance_size=m.appearance_size,
-      negative_slope=m.negative_slope, conv_impl=m.conv_impl)
+  model = base.model_from_config(Disentangle, m, num_modalities=len(modalities),
+                                 num_classes=task.num_classes)
   multiple = model.size_multiple
   if any(p % multiple for p in config.data.patch_size):
     raise ValueError(f"config.data.patch_size: sizes must be multiples of {multiple} "

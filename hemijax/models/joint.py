@@ -11,8 +11,10 @@ Network: HighResNet (Li et al., 2017: residual blocks of dilated 3x3x3 convoluti
 modality axis, applied with vmap) and is averaged over the available modalities (masked mean), so it
 accepts T1 alone or T1 + FLAIR.
 
-Loss: the probabilistic Jaccard loss L = sum_c w_c (1 - J_c), w = 1/(2 n_tissue) per tissue class and
-1/2 for the lesion class, split into a tissue part L^t and a lesion part L^l. The empirical risk is
+Loss: the probabilistic Jaccard loss of the paper's Eq. 6, L = 1 - sum_c w_c J_c with
+J_c = sum g p / sum (g^2 + p^2 - g p) (`hemijax.nn.losses.probabilistic_jaccard`), w = 1/(2 n_tissue)
+per tissue class and 1/2 for the lesion class (sum 1), split into a tissue part L^t and a lesion
+part L^l. The empirical risk is
   R^t_2 = L^t(h(T1), y^t)                on control scans (tissue labels),
   R^l   = L^l(h(T1, FLAIR), y^l)         on lesion scans (only the lesion class is scored),
   R^t_1 = L^t(h(T1, FLAIR), h(T1))       on lesion scans: the inter-modality consistency term that
@@ -20,12 +22,12 @@ Loss: the probabilistic Jaccard loss L = sum_c w_c (1 - J_c), w = 1/(2 n_tissue)
                                          inequality), skipped before `consistency_start`;
                                          `consistency_stop_gradient` (not in the issue) makes
                                          h(T1) a constant target.
-J_c = sum min(p, t) / sum max(p, t) is the Jaccard index of fuzzy sets (a metric, zero when p == t);
-on one-hot targets it equals the `hemijax.nn.losses.probabilistic_jaccard` form, which the supervised
-terms use.
+Eq. 6 is zero iff p == t, so the paper uses the same L^t for the soft target of R^t_1;
+`config.loss.jaccard_form` (supervised terms) and `config.loss.consistency_form` (R^t_1) also offer
+"soft_union" (sum p t / sum (p + t - p t)) and "min_max" (sum min / sum max, fuzzy sets).
 
 Variants (`config.variant`): "joint" (all three terms), "tissue_only" (R^t_2; the head predicts the
-tissue classes only) and "lesion_only" (R^l; the head predicts non-lesion vs lesion), the
+tissue classes only and the network reads T1 only, at training and evaluation) and "lesion_only" (R^l; the head predicts non-lesion vs lesion), the
 task-specific baselines with the same network.
 """
 from __future__ import annotations
@@ -92,18 +94,23 @@ def merge_subgrids(y, dilation: int, batch: int, spatial):
   return y[(slice(None),) + tuple(slice(0, s) for s in spatial)]
 
 
-class ResidualBlock(nn.Module):
-  """Pre-activation residual block: 2 x (norm, ReLU, dilated conv); 1x1x1 projection if widths differ.
+class BlockSettings(nn.Module):
+  """Settings every convolution block of the network shares.
 
   space_to_batch: run each dilated convolution as a dilation-1 convolution of the interleaved
   sub-grids (the same numbers; on XLA CPU about 3-4x faster than a dilated convolution).
   """
-  features: int
-  dilation: int = 1
   kernel_size: int = 3
   norm: str = "instance"
-  conv_impl: str = "auto"
+  conv: layers.ModuleDef = layers.Conv
   space_to_batch: bool = True
+
+
+class ResidualBlock(BlockSettings, kw_only=True):
+  """Pre-activation residual block: 2 x (norm, ReLU, dilated conv); a 1x1x1 projection if the
+  widths differ."""
+  features: int
+  dilation: int = 1
 
   @nn.compact
   def __call__(self, x):
@@ -111,36 +118,31 @@ class ResidualBlock(nn.Module):
     y = x
     for _ in range(2):
       y = nn.relu(_norm(self.norm)(y))
-      conv = layers.Conv(self.features, self.kernel_size, dilation=1 if rearrange else self.dilation,
-                         impl=self.conv_impl)
+      conv = self.conv(self.features, self.kernel_size, dilation=1 if rearrange else self.dilation)
       if rearrange:
         y = merge_subgrids(conv(split_subgrids(y, self.dilation)), self.dilation, y.shape[0],
                            y.shape[1:-1])
       else:
         y = conv(y)
     if x.shape[-1] != self.features:
-      x = layers.Conv(self.features, 1, use_bias=False, impl=self.conv_impl)(x)
+      x = self.conv(self.features, 1, use_bias=False)(x)
     return x + y
 
 
-class ModalityStage(nn.Module):
+class ModalityStage(BlockSettings, kw_only=True):
   """One modality's first stage: conv, norm, ReLU, then the residual blocks of the first stages."""
   features: Sequence[int]
   dilations: Sequence[int]
   blocks_per_stage: int
-  kernel_size: int = 3
-  norm: str = "instance"
-  conv_impl: str = "auto"
-  space_to_batch: bool = True
 
   @nn.compact
   def __call__(self, x):
-    x = layers.Conv(self.features[0], self.kernel_size, impl=self.conv_impl)(x)
+    x = self.conv(self.features[0], self.kernel_size)(x)
     x = nn.relu(_norm(self.norm)(x))
+    settings = base.settings_of(self, BlockSettings)
     for width, dilation in zip(self.features, self.dilations):
       for _ in range(self.blocks_per_stage):
-        x = ResidualBlock(width, dilation, self.kernel_size, self.norm, self.conv_impl,
-                          self.space_to_batch)(x)
+        x = ResidualBlock(features=width, dilation=dilation, **settings)(x)
     return x
 
 
@@ -160,36 +162,40 @@ class HeteroModalHighResNet(nn.Module):
   kernel_size: int = 3
   norm: str = "instance"
   head_classes: Sequence[int] | None = None
+  # Slots the network reads (bool per modality); None: all. The tissue-only baseline reads T1 only,
+  # so its never-trained FLAIR branch is not averaged into T1 + FLAIR inputs.
+  input_slots: Sequence[bool] | None = None
   conv_impl: str = "auto"
   space_to_batch: bool = True
 
   def setup(self):
     k = self.modality_stages
-    stacked = nn.vmap(ModalityStage, in_axes=0, out_axes=0, variable_axes={"params": 0},
-                      split_rngs={"params": True}, axis_size=self.num_modalities)
-    self.modality_stage = stacked(tuple(self.features[:k]), tuple(self.dilations[:k]),
-                                  self.blocks_per_stage, self.kernel_size, self.norm,
-                                  self.conv_impl, self.space_to_batch)
+    conv = layers.conv_factory(self.conv_impl)
+    settings = dict(kernel_size=self.kernel_size, norm=self.norm, conv=conv,
+                    space_to_batch=self.space_to_batch)
+    self.modality_stage = layers.per_modality(ModalityStage, self.num_modalities)(
+        features=tuple(self.features[:k]), dilations=tuple(self.dilations[:k]),
+        blocks_per_stage=self.blocks_per_stage, **settings)
     self.shared_blocks = [
-        ResidualBlock(width, dilation, self.kernel_size, self.norm, self.conv_impl,
-                      self.space_to_batch)
+        ResidualBlock(features=width, dilation=dilation, **settings)
         for width, dilation in zip(self.features[k:], self.dilations[k:])
         for _ in range(self.blocks_per_stage)]
     self.final_norm = _norm(self.norm)
     self.head_norm = _norm(self.norm)
-    self.head = layers.Conv(self.head_features, 1, impl=self.conv_impl)
-    self.classifier = layers.Conv(len(self._head_classes()), 1, impl=self.conv_impl)
+    self.head = conv(self.head_features, 1)
+    self.classifier = conv(len(self._head_classes()), 1)
+
+  def encode(self, image, train=False):
+    """(B, *sp, M) -> per-modality first-stage features (B, M, *sp, C)."""
+    return layers.apply_per_modality(self.modality_stage, image)
 
   def _head_classes(self) -> tuple[int, ...]:
     return tuple(range(self.num_classes)) if self.head_classes is None else tuple(self.head_classes)
 
-  def encode(self, image, train=False):
-    """(B, *sp, M) -> per-modality first-stage features (B, M, *sp, C)."""
-    per_modality = jnp.moveaxis(image, -1, 0)[..., None]
-    return jnp.moveaxis(self.modality_stage(per_modality), 0, 1)
-
   def decode(self, features, modality_mask, train=False):
     """Masked mean over the available modalities, the shared dilated stages, then the head."""
+    if self.input_slots is not None:
+      modality_mask = modality_mask & jnp.asarray(self.input_slots, bool)[None]
     mask = fusion.expand_modality_mask(modality_mask, features.ndim)
     x = fusion.masked_mean(features, mask, axis=1)
     for block in self.shared_blocks:
@@ -219,42 +225,24 @@ def class_weights(num_classes: int, lesion_class: int) -> np.ndarray:
   return weights
 
 
-def fuzzy_jaccard_distance(probs, target, valid=None, class_weights=None, smooth=1e-5):
-  """sum_c w_c (1 - J_c), J_c = sum min(p, t) / sum max(p, t) over valid voxels (pooled over batch).
-
-  Unlike `losses.probabilistic_jaccard` (p t / (p + t - p t), equal on one-hot targets) it is a
-  metric on soft targets, exactly 0 when probs == target; the weights are not normalised, so the
-  terms of a decomposed loss add up to the whole.
-  """
-  num_classes = probs.shape[-1]
-  weights = (jnp.ones(target.shape[:-1], jnp.float32) if valid is None
-             else jnp.asarray(valid, jnp.float32))[..., None]
-  axes = tuple(range(probs.ndim - 1))
-  intersection = jnp.sum(jnp.minimum(probs, target) * weights, axis=axes)
-  union = jnp.sum(jnp.maximum(probs, target) * weights, axis=axes)
-  jaccard = (intersection + smooth) / (union + smooth)
-  w = jnp.ones(num_classes) if class_weights is None else jnp.asarray(class_weights, jnp.float32)
-  return jnp.sum(w * (1.0 - jaccard))
-
-
-def tissue_term(probs, labels, valid, weights, lesion_class):
+def tissue_term(probs, labels, valid, weights, lesion_class, form="eq6"):
   """L^t(p, y^t) = sum over tissue classes of w_c (1 - J_c), y^t a tissue label map (class ids)."""
   tissue = np.array([c for c in range(probs.shape[-1]) if c != lesion_class])
   target = jax.nn.one_hot(labels, probs.shape[-1])[..., tissue]
   w = jnp.asarray(weights)[tissue]
   # The shared loss normalises by sum(w); undo it so that L^t + L^l = L.
-  return jnp.sum(w) * losses.probabilistic_jaccard(probs[..., tissue], target, valid, w)
+  return jnp.sum(w) * losses.probabilistic_jaccard(probs[..., tissue], target, valid, w, form)
 
 
-def lesion_term(probs, lesion, valid, weights, lesion_class):
+def lesion_term(probs, lesion, valid, weights, lesion_class, form="eq6"):
   """L^l(p, y^l) = w_lesion (1 - J_lesion); `lesion` is a boolean/0-1 lesion map."""
   target = jnp.asarray(lesion, jnp.float32)[..., None]
   return weights[lesion_class] * losses.probabilistic_jaccard(
-      probs[..., lesion_class:lesion_class + 1], target, valid)
+      probs[..., lesion_class:lesion_class + 1], target, valid, None, form)
 
 
 def consistency_term(probs_full, probs_tissue_protocol, valid, weights, lesion_class,
-                     stop_gradient=False):
+                     stop_gradient=False, form="eq6"):
   """R^t_1 = L^t(h(T1, FLAIR), h(T1)): tissue classes of the two predictions (soft target).
 
   stop_gradient: treat h(T1) as a constant target, so only h(T1, FLAIR) is pulled towards it.
@@ -262,8 +250,9 @@ def consistency_term(probs_full, probs_tissue_protocol, valid, weights, lesion_c
   if stop_gradient:
     probs_tissue_protocol = jax.lax.stop_gradient(probs_tissue_protocol)
   tissue = np.array([c for c in range(probs_full.shape[-1]) if c != lesion_class])
-  return fuzzy_jaccard_distance(probs_full[..., tissue], probs_tissue_protocol[..., tissue], valid,
-                                jnp.asarray(weights)[tissue])
+  w = jnp.asarray(weights)[tissue]
+  return jnp.sum(w) * losses.probabilistic_jaccard(
+      probs_full[..., tissue], probs_tissue_protocol[..., tissue], valid, w, form)
 
 
 def variant_sets(variant: str) -> tuple[str, ...]:
@@ -286,6 +275,7 @@ def make_loss_fn(model: nn.Module, config) -> base.LossFn:
   lc = config.loss
   use_consistency = config.variant == "joint" and lc.consistency_weight > 0
   stop_gradient = bool(lc.get("consistency_stop_gradient", False))
+  form, consistency_form = lc.get("jaccard_form", "eq6"), lc.get("consistency_form", "eq6")
   slots = jnp.asarray(tissue_protocol_slots(config))
 
   def loss_fn(params, model_state, batch, key, step):
@@ -297,7 +287,8 @@ def make_loss_fn(model: nn.Module, config) -> base.LossFn:
     if "tissue" in sets:
       tb = batch["tissue"]
       probs = softmax(model.apply(variables, tb["image"], tb["modality_mask"], train=True))
-      metrics["tissue_loss"] = tissue_term(probs, tb["label"], tb["valid"], weights, lesion_class)
+      metrics["tissue_loss"] = tissue_term(probs, tb["label"], tb["valid"], weights, lesion_class,
+                                            form)
       loss = loss + metrics["tissue_loss"]
     if "lesion" in sets:
       lb = batch["lesion"]
@@ -307,7 +298,7 @@ def make_loss_fn(model: nn.Module, config) -> base.LossFn:
       decode = lambda m: softmax(model.apply(variables, features, m, method="decode"))
       probs_full = decode(mask)
       metrics["lesion_loss"] = lesion_term(probs_full, lb["label"] == 1, lb["valid"], weights,
-                                           lesion_class)
+                                           lesion_class, form)
       loss = loss + metrics["lesion_loss"]
       if use_consistency:
         t1_mask = mask & slots[None]
@@ -316,7 +307,7 @@ def make_loss_fn(model: nn.Module, config) -> base.LossFn:
 
         def consistency(_):
           return consistency_term(probs_full, decode(t1_mask), valid, weights, lesion_class,
-                                  stop_gradient)
+                                  stop_gradient, consistency_form)
 
         active = step >= lc.consistency_start
         # lax.cond: the T1-only decode is not computed before the start step.
@@ -425,6 +416,10 @@ def check_config(config) -> None:
   if config.loss.consistency_start < 0:
     raise ValueError(f"config.loss.consistency_start must be >= 0, "
                      f"got {config.loss.consistency_start}")
+  for field in ("jaccard_form", "consistency_form"):
+    if config.loss.get(field, "eq6") not in losses.JACCARD_FORMS:
+      raise ValueError(f"config.loss.{field}: unknown form {config.loss[field]!r}; "
+                       f"choose one of {losses.JACCARD_FORMS}")
   for which in SETS:
     names = tuple(config.data[f"{which}_set"].modalities)
     extra = [n for n in names if n not in config.modalities]
@@ -444,17 +439,20 @@ def head_classes(config) -> tuple[int, ...] | None:
   return None
 
 
+def input_slots(config) -> tuple[bool, ...] | None:
+  """The slots the variant's network reads: the tissue protocol's (T1) for tissue_only, else all."""
+  if config.variant == "tissue_only":
+    return tuple(bool(v) for v in tissue_protocol_slots(config))
+  return None
+
+
 def build(config) -> base.Method:
   check_config(config)
   task = get_task(config.task)
   modalities = tuple(config.modalities)
-  m = config.model
-  model = HeteroModalHighResNet(
-      num_modalities=len(modalities), num_classes=task.num_classes, features=tuple(m.features),
-      dilations=tuple(m.dilations), blocks_per_stage=m.blocks_per_stage,
-      modality_stages=m.modality_stages, head_features=m.head_features, kernel_size=m.kernel_size,
-      norm=m.norm, head_classes=head_classes(config), conv_impl=m.conv_impl,
-      space_to_batch=m.get("space_to_batch", True))
+  model = base.model_from_config(HeteroModalHighResNet, config.model,
+                                 num_modalities=len(modalities), num_classes=task.num_classes,
+                                 head_classes=head_classes(config), input_slots=input_slots(config))
   loss_fn = make_loss_fn(model, config)
   stage = base.Stage(config.variant, loss_fn, config.train.num_steps, config.optimizer,
                      make_batches=make_batches)

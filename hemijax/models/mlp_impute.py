@@ -13,6 +13,12 @@ Pattern p (0-based) is the subset whose bit code sum(2^i for available modality 
 so the full set (code 2^M - 1) has no MLP and needs none. Every MLP reads all M channels with the
 missing ones zeroed, so all patterns share one parameter shape; a pattern's MLP only ever sees
 zeros in its missing slots, i.e. it is a function of the available modalities alone.
+
+`per_modality` (config.impute.per_modality): the paper's reading, one single-output MLP per missing
+modality per pattern (sum over patterns of their missing modalities: 28 for M = 4) instead of one
+M-output MLP per pattern. Their parameters are stacked on (pattern, output modality) axes, so all
+patterns still share one shape: slot (p, m) for a modality m present in pattern p is never read and
+gets no gradient (its weight in the MSE is 0), so the trained MLPs are exactly the paper's.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hemijax.nn import losses
+from hemijax.nn import layers
 from hemijax.data.tasks import get_task
 from hemijax.models import base, unet
 
@@ -46,7 +52,14 @@ def pattern_index(modality_mask):
 
 
 def mlp_apply(layer_params, x):
-  """One voxel-wise MLP: x (..., M) -> (..., M); ReLU between the dense layers."""
+  """One pattern's voxel-wise MLP(s): x (..., M) -> (..., M); ReLU between the dense layers.
+
+  Kernels (in, out): one M-output MLP; kernels (M, in, out) ending in out = 1: one single-output
+  MLP per modality (per_modality), output m from MLP m.
+  """
+  if layer_params[0][0].ndim == 3:
+    per_modality = jax.vmap(mlp_apply, in_axes=(0, None))(layer_params, x)   # (M, ..., 1)
+    return jnp.moveaxis(per_modality[..., 0], 0, -1)
   for i, (kernel, bias) in enumerate(layer_params):
     x = x @ kernel + bias
     if i < len(layer_params) - 1:
@@ -58,15 +71,18 @@ class PatternMLPs(nn.Module):
   """2^M - 2 voxel-wise MLPs with parameters stacked on a leading pattern axis."""
   num_modalities: int
   hidden: Sequence[int] = (100, 100)
+  per_modality: bool = False   # one single-output MLP per missing modality per pattern
 
   def setup(self):
-    sizes = (self.num_modalities,) + tuple(self.hidden) + (self.num_modalities,)
-    count = num_patterns(self.num_modalities)
-    # batch_axis=0: each pattern's kernel is initialised with its own fan-in.
-    init = nn.initializers.lecun_normal(batch_axis=(0,))
+    outputs = 1 if self.per_modality else self.num_modalities
+    sizes = (self.num_modalities,) + tuple(self.hidden) + (outputs,)
+    # Leading axes: pattern [, output modality]; each MLP's kernel gets its own fan-in.
+    lead = ((num_patterns(self.num_modalities),) +
+            ((self.num_modalities,) if self.per_modality else ()))
+    init = nn.initializers.lecun_normal(batch_axis=tuple(range(len(lead))))
     self.layer_params = [
-        (self.param(f"kernel_{i}", init, (count, n_in, n_out)),
-         self.param(f"bias_{i}", nn.initializers.zeros, (count, n_out)))
+        (self.param(f"kernel_{i}", init, lead + (n_in, n_out)),
+         self.param(f"bias_{i}", nn.initializers.zeros, lead + (n_out,)))
         for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]))]
 
   def __call__(self, image, modality_mask):
@@ -81,10 +97,19 @@ class PatternMLPs(nn.Module):
     image = jnp.where(present, image, 0)
     index = pattern_index(modality_mask)
     x = image
+    if self.per_modality:
+      # (B, *sp, M_out, width): output modality m's MLP on every voxel.
+      x = jnp.broadcast_to(x[..., None, :], x.shape[:-1] + (self.num_modalities, x.shape[-1]))
+      bias_expand = expand + (slice(None),)
+      equation = "b...mi,bmio->b...mo"
+    else:
+      bias_expand, equation = expand, "b...i,bio->b...o"
     for i, (kernel, bias) in enumerate(self.layer_params):
-      x = jnp.einsum("b...i,bio->b...o", x, kernel[index]) + bias[index][expand]
+      x = jnp.einsum(equation, x, kernel[index]) + bias[index][bias_expand]
       if i < len(self.layer_params) - 1:
         x = nn.relu(x)
+    if self.per_modality:
+      x = x[..., 0]
     inside = jnp.any(image != 0, axis=-1, keepdims=True)
     return jnp.where(present, image, jnp.where(inside, x, 0))
 
@@ -115,21 +140,19 @@ def pattern_losses(imputer_params, voxels, available):
       stacked_layers(imputer_params), masks, voxels, available)
 
 
-class MLPImputeUNet(nn.Module):
+class MLPImputeUNet(unet.UNetSettings, kw_only=True):
   """Imputation of the absent channels by the pattern's MLP, then the full-data U-Net."""
   num_modalities: int
   num_classes: int
-  hidden: Sequence[int] = (100, 100)
-  features: Sequence[int] = (16, 32, 64, 128)
-  kernel_size: int = 3
-  negative_slope: float = 0.01
-  bn_momentum: float = 0.9
+  hidden: Sequence[int] = (100, 100)   # config.impute.hidden
+  per_modality: bool = False           # config.impute.per_modality
   conv_impl: str = "auto"
 
   def setup(self):
-    self.imputer = PatternMLPs(self.num_modalities, tuple(self.hidden))
-    self.segmenter = unet.UNet(self.num_classes, tuple(self.features), self.kernel_size,
-                               self.negative_slope, self.bn_momentum, self.conv_impl)
+    self.imputer = PatternMLPs(self.num_modalities, tuple(self.hidden), self.per_modality)
+    self.segmenter = unet.UNet(out_channels=self.num_classes,
+                               conv=layers.conv_factory(self.conv_impl),
+                               **base.settings_of(self, unet.UNetSettings))
 
   def segment_full(self, image, train: bool = False):
     """The U-Net alone on a complete image (stage 1)."""
@@ -141,7 +164,6 @@ class MLPImputeUNet(nn.Module):
 
 def segmentation_loss(model, config) -> base.LossFn:
   """Stage 1: the U-Net on the complete images (no dropout, nothing to impute)."""
-  loss_cfg = config.loss
 
   def loss_fn(params, model_state, batch, key, step):
     del key, step
@@ -149,11 +171,8 @@ def segmentation_loss(model, config) -> base.LossFn:
     image = base.zero_missing(batch["image"], batch["modality_mask"])
     logits, new_state = model.apply(variables, image, train=True, method="segment_full",
                                     mutable=["batch_stats"])
-    valid = batch.get("valid")
-    ce = losses.cross_entropy(logits, batch["label"], valid, loss_cfg.class_weights)
-    dice = losses.soft_dice(logits, batch["label"], valid)
-    loss = loss_cfg.ce_weight * ce + loss_cfg.dice_weight * dice
-    return loss, ({"cross_entropy": ce, "soft_dice_loss": dice}, dict(new_state))
+    loss, terms = base.batch_segmentation_loss(logits, batch, config.loss)
+    return loss, (terms, dict(new_state))
 
   return loss_fn
 
@@ -203,8 +222,9 @@ def build(config) -> base.Method:
   hidden = tuple(config.impute.hidden)
   if not hidden or min(hidden) < 1:
     raise ValueError(f"config.impute.hidden: expected positive layer widths, got {hidden}")
-  model = MLPImputeUNet(num_modalities=len(modalities), num_classes=task.num_classes,
-                        hidden=hidden, **unet.unet_kwargs(config.model))
+  model = base.model_from_config(MLPImputeUNet, config.model, num_modalities=len(modalities),
+                                 num_classes=task.num_classes, hidden=hidden,
+                                 per_modality=bool(config.impute.get("per_modality", False)))
   seg_loss = segmentation_loss(model, config)
   stages = (
       # The combined model's validation would score untrained MLPs here; validate after stage 2.

@@ -72,36 +72,40 @@ class BatchNorm(nn.Module):
 class ConvBlock(nn.Module):
   """Convolution -> batch normalisation -> leaky ReLU."""
   features: int
-  kernel_size: int = 3
-  negative_slope: float = 0.01
-  bn_momentum: float = 0.9
-  conv_impl: str = "auto"
+  conv: layers.ModuleDef
+  kernel_size: int
+  negative_slope: float
+  bn_momentum: float
 
   @nn.compact
   def __call__(self, x, train: bool = False, item_mask=None):
     # No bias: the batch normalisation's shift replaces it.
-    x = layers.Conv(self.features, self.kernel_size, use_bias=False, impl=self.conv_impl)(x)
+    x = self.conv(self.features, self.kernel_size, use_bias=False)(x)
     x = BatchNorm(momentum=self.bn_momentum)(x, train, item_mask)
     return nn.leaky_relu(x, self.negative_slope)
 
 
-class UNet(nn.Module):
+class UNetSettings(nn.Module):
+  """A U-Net's settings: fields of `config.model` for every model built on the U-Net."""
+  features: Sequence[int] = (16, 32, 64, 128)
+  kernel_size: int = 3
+  negative_slope: float = 0.01
+  bn_momentum: float = 0.9
+
+
+class UNet(UNetSettings, kw_only=True):
   """U-Net `(B, *spatial, Cin) -> (B, *spatial, out_channels)`, 2D or 3D from the input's rank.
 
   `features[i]` is the width of level i; there are `len(features) - 1` poolings, so spatial sizes
   must be multiples of `2 ** (len(features) - 1)`.
   """
   out_channels: int
-  features: Sequence[int] = (16, 32, 64, 128)
-  kernel_size: int = 3
-  negative_slope: float = 0.01
-  bn_momentum: float = 0.9
-  conv_impl: str = "auto"
+  conv: layers.ModuleDef = layers.Conv
 
   @nn.compact
   def __call__(self, x, train: bool = False, item_mask=None):
-    block = lambda width, name: ConvBlock(width, self.kernel_size, self.negative_slope,
-                                          self.bn_momentum, self.conv_impl, name=name)
+    block = lambda width, name: ConvBlock(width, self.conv, self.kernel_size, self.negative_slope,
+                                          self.bn_momentum, name=name)
     skips = []
     for level, width in enumerate(self.features):
       if level:
@@ -111,7 +115,7 @@ class UNet(nn.Module):
     for level in reversed(range(len(self.features) - 1)):
       x = jnp.concatenate([layers.upsample(x, 2), skips[level]], axis=-1)
       x = block(self.features[level], f"up_{level}")(x, train, item_mask)
-    return layers.Conv(self.out_channels, 1, impl=self.conv_impl, name="head")(x)
+    return self.conv(self.out_channels, 1, name="head")(x)
 
 
 def size_multiple(features) -> int:
@@ -119,28 +123,17 @@ def size_multiple(features) -> int:
   return 2 ** (len(tuple(features)) - 1)
 
 
-class ModalityUNet(nn.Module):
+class ModalityUNet(UNetSettings, kw_only=True):
   """The baseline: absent modalities zero-filled, then one U-Net over the stacked channels."""
   num_modalities: int
   num_classes: int
-  features: Sequence[int] = (16, 32, 64, 128)
-  kernel_size: int = 3
-  negative_slope: float = 0.01
-  bn_momentum: float = 0.9
   conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, image, modality_mask, train: bool = False):
     image = base.zero_missing(image, modality_mask)
-    return UNet(self.num_classes, tuple(self.features), self.kernel_size, self.negative_slope,
-                self.bn_momentum, self.conv_impl, name="unet")(image, train)
-
-
-def unet_kwargs(model_config) -> dict:
-  """UNet/ModalityUNet keyword arguments from a config's `model` section."""
-  m = model_config
-  return dict(features=tuple(m.features), kernel_size=m.kernel_size,
-              negative_slope=m.negative_slope, bn_momentum=m.bn_momentum, conv_impl=m.conv_impl)
+    return UNet(out_channels=self.num_classes, conv=layers.conv_factory(self.conv_impl),
+                **base.settings_of(self, UNetSettings), name="unet")(image, train)
 
 
 def check_features(features, option="config.model.features"):
@@ -154,8 +147,8 @@ def build(config) -> base.Method:
   task = get_task(config.task)
   modalities = tuple(config.modalities)
   check_features(config.model.features)
-  model = ModalityUNet(num_modalities=len(modalities), num_classes=task.num_classes,
-                       **unet_kwargs(config.model))
+  model = base.model_from_config(ModalityUNet, config.model, num_modalities=len(modalities),
+                                 num_classes=task.num_classes)
   return base.Method(name="unet", model=model,
                      loss_fn=base.supervised_segmentation_loss(model, config),
                      modalities=modalities, num_classes=task.num_classes,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -33,6 +33,8 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 
 IMPLS = ("auto", "xla", "planes", "matmul")
+# A Module class, or a `functools.partial` of one with fields bound (flax examples' `ModuleDef`).
+ModuleDef = Any
 
 # Values (input + output channels per output position) that `_kernel_grad` and the "matmul" forward
 # handle per loop step: 4 MiB of float32. Products this large are split across cores by XLA:CPU;
@@ -430,3 +432,12 @@ class Conv(nn.Module):
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
     return y
+
+
+def conv_factory(impl: str = "auto", **fields) -> ModuleDef:
+  """`Conv` with its lowering (and any other `fields`, e.g. `kernel_init`) bound: a model builds
+  this once from its `conv_impl` and hands it to its layers, which call it like `Conv`."""
+  if impl not in IMPLS:
+    raise ValueError(f"config.model.conv_impl: unknown convolution impl {impl!r}; "
+                     f"choose one of {IMPLS}")
+  return functools.partial(Conv, impl=impl, **fields)

@@ -1,16 +1,40 @@
-"""Layers every model shares besides the convolution (`hemijax.nn.conv`): pooling, upsampling."""
+"""Layers every model shares besides the convolution (`hemijax.nn.conv`): pooling, upsampling,
+per-modality stacking."""
 from __future__ import annotations
 
 import functools
 import itertools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hemijax.nn.conv import IMPLS, Conv, conv, resolve_impl  # noqa: F401  (one import for models)
+# Models import the convolution from here too.
+from hemijax.nn.conv import IMPLS, Conv, ModuleDef, conv, conv_factory, resolve_impl  # noqa: F401
 from hemijax.nn.conv import _tuple
+
+
+def per_modality(layer: ModuleDef, num_modalities: int, in_axes=0,
+                 collections: tuple[str, ...] = ("params",)) -> ModuleDef:
+  """`layer` once per modality: its variables in `collections` stacked on a leading modality
+  axis, applied with vmap over `in_axes` of the inputs, outputs stacked on axis 0.
+
+  `layer` is a Module class or a `functools.partial` of one (its bound fields are kept).
+  """
+  bound = functools.partial(layer)  # a class becomes a partial without bound fields
+  stacked = nn.vmap(bound.func, in_axes=in_axes, out_axes=0,
+                    variable_axes={name: 0 for name in collections},
+                    split_rngs={"params": True}, axis_size=num_modalities)
+  return functools.partial(stacked, *bound.args, **bound.keywords)
+
+
+def apply_per_modality(stacked, image, *args):
+  """Runs per-modality layers (`per_modality`) on each channel of `image (B, *sp, M)` as a
+  one-channel image; outputs `(B, M, ...)` (each array of a tuple of outputs)."""
+  outputs = stacked(jnp.moveaxis(image, -1, 0)[..., None], *args)
+  return jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1), outputs)
 
 
 def max_pool(x, window=2, strides=None, padding="SAME"):

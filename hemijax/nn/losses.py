@@ -50,20 +50,35 @@ def soft_dice(logits, labels, valid=None, include_background=False, smooth=1e-5)
   return 1.0 - jnp.mean(dice)
 
 
-def probabilistic_jaccard(probs, target, valid=None, class_weights=None, smooth=1e-5):
-  """Weighted probabilistic (soft) Jaccard loss on probabilities and a one-hot/soft target.
+JACCARD_FORMS = ("eq6", "soft_union", "min_max")
 
-  J_c = sum(p t) / sum(p + t - p t); loss = sum_c w_c (1 - J_c) / sum_c w_c.
+
+def probabilistic_jaccard(probs, target, valid=None, class_weights=None, form="eq6", smooth=1e-5):
+  """Weighted probabilistic Jaccard loss L = 1 - sum_c w_c J_c (w normalised to sum 1).
+
+  `probs` and `target` (one-hot or soft) have the same shape `(B, *spatial, C)`; sums run over the
+  valid voxels of the whole batch. `form` picks J_c:
+    "eq6"         sum g p / sum (g^2 + p^2 - g p)   (Dorent et al. 2019, Eq. 6; zero loss iff p == g)
+    "soft_union"  sum g p / sum (g + p - g p)       (equal to eq6 on one-hot g and p; not zero at p == g)
+    "min_max"     sum min(g, p) / sum max(g, p)     (Jaccard of fuzzy sets; zero loss iff p == g;
+                                                     equal to soft_union on one-hot g)
   """
+  if form not in JACCARD_FORMS:
+    raise ValueError(f"probabilistic_jaccard: unknown form {form!r}; choose one of {JACCARD_FORMS}")
   num_classes = probs.shape[-1]
   weights = (_valid_weights(target[..., 0], valid))[..., None]
   axes = tuple(range(probs.ndim - 1))
-  intersection = jnp.sum(probs * target * weights, axis=axes)
-  union = jnp.sum((probs + target - probs * target) * weights, axis=axes)
-  jaccard = (intersection + smooth) / (union + smooth)
+  if form == "min_max":
+    overlap, union = jnp.minimum(probs, target), jnp.maximum(probs, target)
+  elif form == "soft_union":
+    overlap, union = probs * target, probs + target - probs * target
+  else:
+    overlap, union = probs * target, target**2 + probs**2 - probs * target
+  jaccard = (jnp.sum(overlap * weights, axis=axes) + smooth) / (
+      jnp.sum(union * weights, axis=axes) + smooth)
   class_weights = (jnp.ones(num_classes) if class_weights is None
                    else jnp.asarray(class_weights, jnp.float32))
-  return jnp.sum(class_weights * (1 - jaccard)) / jnp.sum(class_weights)
+  return 1.0 - jnp.sum(class_weights * jaccard) / jnp.sum(class_weights)
 
 
 def gaussian_kl(mean, log_var):
@@ -80,12 +95,12 @@ def masked_l1(prediction, target, valid=None):
   return jnp.sum(jnp.abs(prediction - target) * valid) / jnp.maximum(jnp.sum(valid), 1.0)
 
 
-def segmentation_loss(logits, labels, valid=None, *, ce_weight=1.0, dice_weight=0.0,
-                      class_weights=None):
-  """ce_weight * CE + dice_weight * soft Dice, the common segmentation objective."""
-  loss = 0.0
-  if ce_weight:
-    loss = loss + ce_weight * cross_entropy(logits, labels, valid, class_weights)
-  if dice_weight:
-    loss = loss + dice_weight * soft_dice(logits, labels, valid)
-  return loss
+def segmentation_loss(logits, labels, valid=None, *, ce_weight, dice_weight, class_weights=None):
+  """ce_weight * cross-entropy + dice_weight * soft Dice: every method's segmentation objective.
+
+  Returns (loss, terms); `terms` holds both terms ("cross_entropy", "soft_dice_loss"), whatever
+  their weights, for the training metrics.
+  """
+  ce = cross_entropy(logits, labels, valid, class_weights)
+  dice = soft_dice(logits, labels, valid)
+  return ce_weight * ce + dice_weight * dice, {"cross_entropy": ce, "soft_dice_loss": dice}

@@ -1,13 +1,19 @@
 """Checkpoints (orbax `CheckpointManager`) and the run's resolved config, saved in the workdir.
 
-The latest `keep` checkpoints are kept, and the best by validation metric is kept apart by the
-preservation policy; `best.json` names its step. The resolved config is `config.json`; resuming
-with a different model config is refused.
+The latest `keep` checkpoints are kept, and so is the step `best.json` names (the best by
+validation metric), across restarts too. The resolved config is `config.json`; resuming with a
+different model config is refused. `train.lock` keeps a second run out of a workdir in use.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
+import fcntl
 import json
+import os
 import pathlib
+import socket
 
 import jax
 import orbax.checkpoint as ocp
@@ -66,17 +72,73 @@ def check_compatible(saved: dict, config, workdir) -> None:
         "use a new --workdir or the saved config")
 
 
+@dataclasses.dataclass
+class KeepBest(policy.PreservationPolicy):
+  """Preserves the step that `workdir/best.json` names. (orbax's BestN ranks the metrics saved
+  with each step, which it does not write without `best_fn` and cannot rank after a restart, so
+  resuming deleted the best checkpoint.) Read at each save: the loop records a new best after
+  saving its step, so the previous best stays until then."""
+  workdir: pathlib.Path
+
+  def should_preserve(self, checkpoints, *, context) -> list[bool]:
+    best = best_step(self.workdir)
+    return [info.step == best for info in checkpoints]
+
+
 def make_manager(workdir, keep: int = 2) -> ocp.CheckpointManager:
+  workdir = pathlib.Path(workdir).absolute()
   options = ocp.CheckpointManagerOptions(
       create=True,
       enable_async_checkpointing=False,  # a save is complete (and atomic) when it returns
-      preservation_policy=policy.AnyPreservationPolicy([
-          policy.LatestN(n=keep),
-          policy.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
-                       keep_checkpoints_without_metrics=False),
-      ]),
+      preservation_policy=policy.AnyPreservationPolicy([policy.LatestN(n=keep),
+                                                        KeepBest(workdir)]),
   )
-  return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints", options=options)
+  return ocp.CheckpointManager(workdir / "checkpoints", options=options)
+
+
+def saved_steps(workdir) -> list[int]:
+  """Steps of the finished checkpoints in `workdir` (orbax renames a step's folder into place
+  when its save completes), without opening a manager (which would create the folder)."""
+  folder = pathlib.Path(workdir) / "checkpoints"
+  if not folder.is_dir():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+LOCK_FILE = "train.lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir, hold: bool = True):
+  """Holds an exclusive lock on WORKDIR/train.lock while a run trains there; the kernel releases
+  it when the process ends, crashed or not. A second run refuses with one line. With `hold`
+  False (the other processes of a multi-process run), takes nothing."""
+  if not hold:
+    yield
+    return
+  path = pathlib.Path(workdir) / LOCK_FILE
+  with open(path, "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno not in (errno.EAGAIN, errno.EACCES):
+        raise
+      f.seek(0)
+      holder = f.read().strip() or "another process"
+      raise WorkdirBusy(f"{workdir}: another run is training in this workdir ({holder} holds "
+                        f"{path}); wait for it to end or use another --workdir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class WorkdirBusy(CheckpointError):
+  """Another run holds the workdir's lock."""
 
 
 # Named orbax items, so that inference restores the parameters alone. Empty items (a model without
@@ -90,7 +152,17 @@ def _items(state) -> dict:
 
 
 def _abstract(tree):
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  """Shapes, dtypes and shardings to restore into. Leaves without a sharding (inference's
+  `eval_shape`) go to one local device: a checkpoint written by several processes records theirs,
+  which orbax would otherwise refuse on fewer devices ("topology mismatch")."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def one(leaf):
+    struct = ocp.utils.to_shape_dtype_struct(leaf)
+    if getattr(struct, "sharding", None) is None:
+      struct = jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=device)
+    return struct
+  return jax.tree.map(one, tree)
 
 
 def save(manager, step: int, state, metrics: dict | None = None) -> None:

@@ -1,11 +1,13 @@
 """The training loop: data -> jitted step -> logs, validation, checkpoints. Knows no method.
 
-Batch `s` is sampled with `np.random.default_rng((seed, s))` and the step key is
+Batch `s` is sampled with `np.random.default_rng((seed, s))` (on several processes, share k of it
+with `(seed, s, k)`: hemijax.training.sharding.BatchShares) and the step key is
 `fold_in(key(seed), s)`, so a run resumed from a checkpoint at step s continues with exactly the
 numbers an uninterrupted run would have produced.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import queue
@@ -17,13 +19,14 @@ import numpy as np
 from tqdm import tqdm
 
 from hemijax import atomic
-from hemijax.evaluation import report as evaluation
+from hemijax.evaluation import plots
 from hemijax.inference import sliding_window as inference
 from hemijax.evaluation import metrics as metrics_lib
 from hemijax.data import datasets
 from hemijax.data.preprocess import class_ids_to_label_values
 from hemijax.data.tasks import get_task
 from hemijax.models import get_method
+from hemijax.nn import augment as augment_lib
 from hemijax.training import TrainingError, checkpoints, sharding
 from hemijax.training import stages as stages_lib
 from hemijax.training import step as step_lib
@@ -73,12 +76,11 @@ def validate(method, variables, volumes, masks, config) -> dict:
   """Mean region Dice on the validation cases, with all modalities and with random ones dropped."""
   task = get_task(config.task)
   forward = inference.make_window_forward(method, variables)
+  settings = inference.WindowSettings.from_config(config)
   scores = {"all": [], "dropped": []}
   for vol, case_masks in zip(volumes, masks):
-    probs = inference.predict_probabilities(
-        method, variables, vol.image, case_masks, roi=config.eval.roi_size or config.data.patch_size,
-        overlap=config.eval.overlap, batch_size=config.eval.sw_batch_size,
-        blend=config.eval.blend, forward=forward)
+    probs = inference.predict_probabilities(method, variables, vol.image, case_masks, settings,
+                                            forward=forward)
     truth = class_ids_to_label_values(vol.label, task.label_values)
     for name, p in zip(("all", "dropped"), probs):
       pred = class_ids_to_label_values(np.argmax(p, -1), task.label_values)
@@ -106,19 +108,85 @@ def _truncate_jsonl(path, last_step):
 
 
 def train(config, workdir, *, progress: bool = True) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  sharding.maybe_initialize_distributed()
-  if (workdir / "config.json").is_file():
-    checkpoints.check_compatible(checkpoints.load_config_dict(workdir), config, workdir)
-  checkpoints.save_config(workdir, config)
-  if (workdir / EARLY_STOP_FILE).is_file():
-    return {}  # finished by early stopping; a re-run must not train on
+  """Trains (or resumes) the run in `workdir`; returns the last logged metrics.
 
+  All that can refuse the run (the config, the devices, the workdir's saved config and its lock,
+  the data) is checked before anything is written. On several processes each one calls this
+  (joined by `sharding.initialize_distributed`); all of them write their part of each checkpoint,
+  process 0 alone the logs, plots and JSON files.
+  """
+  workdir = pathlib.Path(workdir)
+  sharding.initialize_distributed()  # from the environment, if train.py has not joined already
   method = get_method(config)
   stages = method.training_stages(config)
+  _check_steps(config, stages)
   bounds = stages_lib.stage_bounds(stages)
+  saved = checkpoints.load_config_dict(workdir) if (workdir / "config.json").is_file() else None
+  if saved is not None:
+    checkpoints.check_compatible(saved, config, workdir)
+  mesh = sharding.make_mesh()
+  shares = sharding.batch_shares(config.data.batch_size, mesh, _share_count(config, saved))
+  finished = _finished_at(workdir, bounds[-1][1])
+  if finished is not None:
+    if sharding.is_lead():
+      print(f"{workdir}: already finished at step {finished}; nothing to do")
+    return {}
+  workdir.mkdir(parents=True, exist_ok=True)
+  with _locked(workdir):
+    return _train(config, workdir, method, stages, bounds, mesh, shares, progress)
+
+
+def _check_steps(config, stages) -> None:
+  num_steps = config.train.num_steps
+  if not isinstance(num_steps, int) or num_steps < 1:
+    raise ValueError(f"config.train.num_steps={num_steps!r}: must be a positive number of steps")
+  for stage in stages:
+    if stage.num_steps < 0:
+      raise ValueError(f"stage {stage.name!r} of {config.method}: {stage.num_steps} steps; "
+                       "a stage's num_steps must be >= 0")
+
+
+def _share_count(config, saved):
+  """config.data.batch_shares; else what the run recorded when it started (so that resuming
+  on another number of processes draws the same batches); else None: one per process."""
+  count = config.data.get("batch_shares", None)
+  if count is None and saved is not None:
+    count = saved.get("data", {}).get("batch_shares")
+  return count
+
+
+def _finished_at(workdir, total_steps: int):
+  """The step a finished run ended at (all its steps done, or stopped early), else None."""
+  if (workdir / EARLY_STOP_FILE).is_file():
+    return json.loads((workdir / EARLY_STOP_FILE).read_text())["step"]
+  steps = checkpoints.saved_steps(workdir)
+  return steps[-1] if steps and steps[-1] >= total_steps else None
+
+
+@contextlib.contextmanager
+def _locked(workdir):
+  """The workdir's lock, held by process 0 for the run; if it is busy, every process refuses."""
+  with contextlib.ExitStack() as stack:
+    busy = None
+    try:
+      stack.enter_context(checkpoints.workdir_lock(workdir, hold=sharding.is_lead()))
+    except checkpoints.WorkdirBusy as e:
+      busy = e
+    if sharding.from_lead(busy is not None):
+      raise busy or checkpoints.WorkdirBusy(f"{workdir}: another run is training in this workdir")
+    yield
+
+
+def _train(config, workdir, method, stages, bounds, mesh, shares, progress) -> dict:
+  lead = sharding.is_lead()
+  # Cache, split and spacing, resolved and recorded in config.json; process 0 writes the split.
+  if lead:
+    datasets.prepare_run(config, workdir)
+  sharding.wait_for_all("prepare_run")
+  if not lead:
+    datasets.prepare_run(config, workdir)
+  if "batch_shares" in config.data:
+    config.data.batch_shares = shares.count
   root = datasets.dataset_root(config)
   split_cache = {}
 
@@ -129,12 +197,12 @@ def train(config, workdir, *, progress: bool = True) -> dict:
 
   val_volumes = load_split("val")[:config.train.val_cases]
   val_masks = validation_masks(val_volumes, config.seed)
-  mesh = sharding.make_mesh()
-  sharding.check_batch_size(config.data.batch_size, mesh)
+  if lead:
+    checkpoints.save_config(workdir, config)
   manager = checkpoints.make_manager(workdir, keep=config.train.keep_checkpoints)
   resume_step = manager.latest_step()
   best = checkpoints.best_step(workdir)
-  tracker = {"best_score": -np.inf, "last": {}}
+  tracker = {"best_score": -np.inf, "best_step": best, "last": {}, "lead": lead}
   if best is not None:
     tracker["best_score"] = json.loads((workdir / "best.json").read_text())[checkpoints.BEST_METRIC]
 
@@ -143,7 +211,7 @@ def train(config, workdir, *, progress: bool = True) -> dict:
     for stage, (begin, end) in zip(stages, bounds):
       if resume_step is not None and resume_step >= end and stage is not stages[-1]:
         continue  # finished before the interruption
-      make_batch = stages_lib.stage_batches(stage, config, load_split)
+      make_batch = stages_lib.stage_batches(stage, config, load_split, shares)
       optimizer = stages_lib.stage_optimizer(stage)
       example = sharding.put_batch(make_batch(begin), mesh)
       if state is None:
@@ -159,7 +227,8 @@ def train(config, workdir, *, progress: bool = True) -> dict:
           else:
             abstract = state
           state = checkpoints.restore(manager, int(resume_step), abstract)
-          _truncate_jsonl(workdir / "metrics.jsonl", resume_step)
+          if lead:
+            _truncate_jsonl(workdir / "metrics.jsonl", resume_step)
       if int(state["step"]) >= end:
         continue
       if int(state["step"]) == begin:  # a fresh optimiser for a stage that starts now
@@ -175,13 +244,20 @@ def train(config, workdir, *, progress: bool = True) -> dict:
 
 def _run_stage(config, workdir, method, stage, begin, end, state, optimizer, make_batch, mesh,
                manager, val_volumes, val_masks, tracker, progress, is_last):
-  train_step = jax.jit(step_lib.make_train_step(stage.loss_fn, optimizer, config.seed),
-                       donate_argnums=0)
+  augment = augment_lib.make_augment(config.augment) if config.get("augment") is not None else None
+  train_step = jax.jit(step_lib.make_train_step(stage.loss_fn, optimizer, config.seed,
+                                                augment=augment), donate_argnums=0)
   start = int(state["step"])
-  evals_since_best = 0
+  validates = stage.validate and bool(val_volumes)
+  is_eval_step = lambda done: (done - begin) % config.train.eval_every == 0 or done == end
+  # Evaluations since the best one in this stage, as an uninterrupted run would have counted them.
+  since = max(tracker["best_step"] or begin, begin)
+  evals_since_best = sum(map(is_eval_step, range(since + 1, start + 1))) if validates else 0
+  lead = tracker["lead"]
   prefetch = BatchPrefetcher(make_batch, start, end)
-  bar = tqdm(range(start, end), initial=start - begin, total=end - begin, disable=not progress,
-             desc=f"{config.method}:{stage.name}", dynamic_ncols=True)
+  bar = tqdm(range(start, end), initial=start - begin, total=end - begin,
+             disable=not (progress and lead), desc=f"{config.method}:{stage.name}",
+             dynamic_ncols=True)
   tick, tick_step = time.perf_counter(), start
   for step in bar:
     batch = sharding.put_batch(prefetch.get(step), mesh)
@@ -197,29 +273,35 @@ def _run_stage(config, workdir, method, stage, begin, end, state, optimizer, mak
       host["steps_per_s"] = (done - tick_step) / max(now - tick, 1e-9)
       tick, tick_step = now, done
       tracker["last"] = dict(step=done, split="train", stage=stage.name, **host)
-      _append_jsonl(workdir / "metrics.jsonl", tracker["last"])
+      if lead:
+        _append_jsonl(workdir / "metrics.jsonl", tracker["last"])
       bar.set_postfix(loss=f"{host['loss']:.4f}", it_s=f"{host['steps_per_s']:.1f}")
     val = None
-    if (stage.validate and val_volumes
-        and ((done - begin) % config.train.eval_every == 0 or done == end)):
+    if validates and is_eval_step(done):
       variables = {"params": state["params"], **state["model_state"]}
       val = validate(method, variables, val_volumes, val_masks, config)
-      _append_jsonl(workdir / "metrics.jsonl", dict(step=done, split="val", stage=stage.name, **val))
-      bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
+      if lead:
+        _append_jsonl(workdir / "metrics.jsonl",
+                      dict(step=done, split="val", stage=stage.name, **val))
+        bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
     if val is not None or (done - begin) % config.train.checkpoint_every == 0 or done == end:
       checkpoints.save(manager, done, state, metrics=val)
     if val is not None:
       if val[checkpoints.BEST_METRIC] > tracker["best_score"]:
-        tracker["best_score"], evals_since_best = val[checkpoints.BEST_METRIC], 0
-        checkpoints.record_best(workdir, done, tracker["best_score"])
+        tracker["best_score"], tracker["best_step"] = val[checkpoints.BEST_METRIC], done
+        evals_since_best = 0
+        if lead:  # after its checkpoint is saved: the previous best is kept until now
+          checkpoints.record_best(workdir, done, tracker["best_score"])
       else:
         evals_since_best += 1
-      evaluation.plot_training_curves(workdir / "curves.png", workdir / "metrics.jsonl")
+      if lead:
+        plots.plot_training_curves(workdir / "curves.png", workdir / "metrics.jsonl")
       patience = config.train.patience
       # Early stopping ends the run, so it applies to the last stage only.
       if patience is not None and evals_since_best >= patience and is_last:
-        bar.write(f"early stopping at step {done}: no improvement in {patience} evaluations")
-        checkpoints.write_json_atomic(workdir / EARLY_STOP_FILE, {"step": done})
+        if lead:
+          bar.write(f"early stopping at step {done}: no improvement in {patience} evaluations")
+          checkpoints.write_json_atomic(workdir / EARLY_STOP_FILE, {"step": done})
         break
   bar.close()
   return state

@@ -40,10 +40,20 @@ def stage_optimizer(stage) -> optax.GradientTransformation:
   return optax.multi_transform({"train": opt, "freeze": optax.set_to_zero()}, labels)
 
 
-def stage_batches(stage, config, load_split):
-  """`step -> host batch` of a stage: its own batch maker or the config's patch sampler."""
+def stage_batches(stage, config, load_split, shares=None):
+  """`step -> host batch` of a stage: its own batch maker or the config's patch sampler. With
+  `shares` (hemijax.training.sharding.BatchShares), the rows of the batch this process feeds."""
   if stage.make_batches is not None:
     make_batch = stage.make_batches(config, load_split)
     offset = stage.step_offset
-    return (lambda step: make_batch(step - offset)) if offset else make_batch
-  return sampling.make_patch_batches(config, load_split("train"), step_offset=stage.step_offset)
+    whole = (lambda step: make_batch(step - offset)) if offset else make_batch
+    if shares is None:
+      return whole
+    # A method's own batch maker draws the whole batch; each process keeps its rows of it.
+    return lambda step: shares.own_rows(whole(step), whole=True)
+  if shares is None:
+    return sampling.make_patch_batches(config, load_split("train"), step_offset=stage.step_offset)
+  make_batch = sampling.make_patch_batches(config, load_split("train"),
+                                           step_offset=stage.step_offset, shares=shares.indices,
+                                           num_shares=shares.count)
+  return lambda step: shares.own_rows(make_batch(step))

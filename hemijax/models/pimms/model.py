@@ -6,14 +6,17 @@ distribution S_{:,n} over the M known modalities. The N scans are mapped to M mo
   soft:  x̂_m = Σ_n S_mn x_n
   hard:  x̂_m = Σ_n 1[argmax_m' S_m'n = m] x_n,
 
-and a slot that no present scan's argmax points to is unavailable. The HeMIS back ends,
+The hard mapping makes a slot that no present scan's argmax points to unavailable; the soft
+mapping (Eq. 1) feeds every slot its weighted sum, so every slot is available whenever a scan is
+(`config.model.soft_availability`: "all", the paper's reading; "argmax", the hard rule, gives the
+slots no argmax picks neither input nor gradient). The HeMIS back ends,
 abstraction layer and front end (`hemijax.models.hemis.HeMIS`) segment from the slots. Every
 per-scan operation is applied to each scan alone and scans only meet in sums over n, so permuting
 the scans (together with their mask entries) changes nothing but float rounding, and a masked
 padding scan contributes exact zeros: one compiled function serves every N up to
 `config.model.max_scans` (`pad_scans`).
 
-Variants (`config.model.variant`):
+Variants (`config.variant`):
   hemis   the true modality of each scan (`scan_modality`; default: scan n is modality n), no
           classifier: the HeMIS baseline.
   soft    soft mapping; classifier trained first (cross-entropy), then frozen while the
@@ -28,6 +31,7 @@ order with a per-example random permutation drawn from the step key.
 """
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import flax.linen as nn
@@ -37,10 +41,10 @@ import numpy as np
 
 from hemijax.nn import modality_dropout as dropout_lib
 from hemijax.nn import layers
-from hemijax.nn import losses
+from hemijax.data import sampling
 from hemijax.data.tasks import get_task
 from hemijax.models import base
-from hemijax.models.hemis import HeMIS
+from hemijax.models.hemis import HeMIS, HeMISSettings
 
 VARIANTS = ("hemis", "soft", "hard", "online")
 CLASSIFIER = "modality_classifier"   # top-level parameter names, for `Stage.trainable`
@@ -58,17 +62,16 @@ class ResidualBlock(nn.Module):
   without batch normalisation (no batch statistics: each scan is classified on its own).
   """
   features: int
-  kernel_size: int = 3
-  conv_impl: str = "auto"
+  conv: layers.ModuleDef
+  kernel_size: int
 
   @nn.compact
   def __call__(self, x):
     skip = x
     if x.shape[-1] != self.features:
-      skip = layers.Conv(self.features, 1, impl=self.conv_impl, name="project")(x)
-    y = nn.relu(layers.Conv(self.features, self.kernel_size, impl=self.conv_impl)(x))
-    y = layers.Conv(self.features, self.kernel_size, impl=self.conv_impl,
-                    kernel_init=nn.initializers.zeros)(y)
+      skip = self.conv(self.features, 1, name="project")(x)
+    y = nn.relu(self.conv(self.features, self.kernel_size)(x))
+    y = self.conv(self.features, self.kernel_size, kernel_init=nn.initializers.zeros)(y)
     return nn.relu(skip + y)
 
 
@@ -80,19 +83,19 @@ class ModalityClassifier(nn.Module):
   1 + 2 * sum(blocks) + 1 weight layers (the paper's 36: blocks (3, 4, 6, 4)).
   """
   num_modalities: int
-  features: Sequence[int] = (16, 32, 64)
-  blocks: Sequence[int] = (1, 1, 1)
-  kernel_size: int = 3
-  conv_impl: str = "auto"
+  conv: layers.ModuleDef
+  features: Sequence[int]
+  blocks: Sequence[int]
+  kernel_size: int
 
   @nn.compact
   def __call__(self, x):
-    x = nn.relu(layers.Conv(self.features[0], self.kernel_size, impl=self.conv_impl)(x))
+    x = nn.relu(self.conv(self.features[0], self.kernel_size)(x))
     for stage, (width, count) in enumerate(zip(self.features, self.blocks)):
       if stage:
         x = layers.max_pool(x, 2)
       for _ in range(count):
-        x = ResidualBlock(width, self.kernel_size, self.conv_impl)(x)
+        x = ResidualBlock(width, self.conv, self.kernel_size)(x)
     x = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
     return nn.Dense(self.num_modalities)(x)
 
@@ -113,8 +116,17 @@ def scan_assignment(scan_probs, scan_mask, hard: bool):
   return jnp.where(scan_mask[..., None], scan_probs, 0)
 
 
-def slot_availability(scan_probs, scan_mask):
-  """(B, M) bool: slot m is available iff some present scan's most probable modality is m."""
+AVAILABILITY_RULES = ("all", "argmax")
+
+
+def slot_availability(scan_probs, scan_mask, rule: str = "argmax"):
+  """(B, M) bool: which slots the segmenter reads.
+
+  "argmax": slot m is available iff some present scan's most probable modality is m (hard mapping).
+  "all": every slot, if any scan is present (soft mapping, Eq. 1: each slot is a weighted sum).
+  """
+  if rule == "all":
+    return jnp.broadcast_to(jnp.any(scan_mask, axis=1, keepdims=True), scan_probs.shape[::2])
   winners = jax.nn.one_hot(jnp.argmax(scan_probs, axis=-1), scan_probs.shape[-1], dtype=bool)
   return jnp.any(winners & scan_mask[..., None], axis=1)
 
@@ -142,40 +154,35 @@ def pad_scans(image, scan_mask, max_scans: int):
 # The model
 
 
-class PIMMS(nn.Module):
+class PIMMS(HeMISSettings):
   """`__call__(image (B, *sp, N), modality_mask (B, N))`: the channels are unlabeled scans.
 
   `scan_modality (B, N)` int (the hemis variant only) gives each scan's true modality; without it,
-  scan n is modality n (the evaluation code passes slots in the config's order).
+  scan n is modality n (the evaluation code passes slots in the config's order). The HeMIS
+  settings (`HeMISSettings`) are the segmenter's.
   """
-  num_modalities: int
-  num_classes: int
-  variant: str = "soft"
+  variant: str = "soft"   # config.variant
+  # Inputs of unnamed scans are padded to this many (`pad_scans`): one compiled function for any N.
+  max_scans: int = 6
   classifier_features: Sequence[int] = (16, 32, 64)
   classifier_blocks: Sequence[int] = (1, 1, 1)
   classifier_kernel: int = 3
-  backend_features: Sequence[int] = (48, 48)
-  backend_kernel: int = 5
-  pool_window: int = 2
-  frontend_features: Sequence[int] = (16,)
-  frontend_kernel: int = 5
-  final_kernel: int = 21
-  conv_impl: str = "auto"
+  # Which slots a soft mapping makes available (`slot_availability`); the hard variant and the
+  # hemis baseline always use "argmax".
+  soft_availability: str = "all"
 
   def setup(self):
     if self.variant not in VARIANTS:
-      raise ValueError(f"config.model.variant: unknown variant {self.variant!r}; "
+      raise ValueError(f"config.variant: unknown PIMMS variant {self.variant!r}; "
                        f"choose one of {VARIANTS}")
+    if self.soft_availability not in AVAILABILITY_RULES:
+      raise ValueError(f"config.model.soft_availability: unknown rule {self.soft_availability!r}; "
+                       f"choose one of {AVAILABILITY_RULES}")
     if self.variant != "hemis":
       self.modality_classifier = ModalityClassifier(
-          self.num_modalities, tuple(self.classifier_features), tuple(self.classifier_blocks),
-          self.classifier_kernel, self.conv_impl)
-    self.segmenter = HeMIS(
-        num_modalities=self.num_modalities, num_classes=self.num_classes,
-        backend_features=tuple(self.backend_features), backend_kernel=self.backend_kernel,
-        pool_window=self.pool_window, frontend_features=tuple(self.frontend_features),
-        frontend_kernel=self.frontend_kernel, final_kernel=self.final_kernel,
-        conv_impl=self.conv_impl)
+          self.num_modalities, layers.conv_factory(self.conv_impl),
+          tuple(self.classifier_features), tuple(self.classifier_blocks), self.classifier_kernel)
+    self.segmenter = HeMIS(**base.settings_of(self, HeMISSettings))
 
   def classify(self, image):
     """Per-scan modality logits `(B, N, M)` of `image (B, *sp, N)`; each scan is seen alone."""
@@ -198,10 +205,15 @@ class PIMMS(nn.Module):
     else:
       scan_logits = self.classify(image)
       scan_probs = jax.nn.softmax(scan_logits.astype(jnp.float32), axis=-1).astype(image.dtype)
-    assignment = scan_assignment(scan_probs, modality_mask, hard=self.variant == "hard")
-    slot_mask = slot_availability(scan_probs, modality_mask)
-    logits = self.segmenter(map_to_slots(image, assignment), slot_mask)
-    return logits, scan_logits
+    return self.segment_mapped(image, modality_mask, scan_probs), scan_logits
+
+  def segment_mapped(self, image, modality_mask, scan_probs):
+    """Segmentation logits of scans `image (B, *sp, N)` mapped to slots by `scan_probs (B, N, M)`."""
+    soft = self.variant in ("soft", "online")
+    assignment = scan_assignment(scan_probs, modality_mask, hard=not soft)
+    rule = self.soft_availability if soft else "argmax"
+    slot_mask = slot_availability(scan_probs, modality_mask, rule)
+    return self.segmenter(map_to_slots(image, assignment), slot_mask)
 
   def __call__(self, image, modality_mask, train=False, scan_modality=None):
     return self.segment_and_classify(image, modality_mask, train, scan_modality)[0]
@@ -245,7 +257,6 @@ def make_segmentation_loss(model: PIMMS, config, with_classifier_term: bool,
   `step_offset` (the stage's first step)."""
   sampler = dropout_lib.make_sampler(config.dropout)
   loss_cfg = config.loss
-  class_weights = loss_cfg.get("class_weights", None)
   hemis_variant = model.variant == "hemis"
 
   def loss_fn(params, model_state, batch, key, step):
@@ -256,12 +267,8 @@ def make_segmentation_loss(model: PIMMS, config, with_classifier_term: bool,
     logits, scan_logits = model.apply(
         {"params": params, **model_state}, scans, scan_mask, train=True,
         scan_modality=true_modality if hemis_variant else None, method="segment_and_classify")
-    valid = batch.get("valid")
-    dice = losses.soft_dice(logits, batch["label"], valid)
-    ce = losses.cross_entropy(logits, batch["label"], valid, class_weights)
-    seg = loss_cfg.dice_weight * dice + loss_cfg.ce_weight * ce
-    metrics = {"soft_dice_loss": dice, "cross_entropy": ce, "segmentation_loss": seg,
-               "modalities_kept": jnp.mean(jnp.sum(kept, axis=-1))}
+    seg, terms = base.batch_segmentation_loss(logits, batch, loss_cfg)
+    metrics = {**terms, "segmentation_loss": seg, "modalities_kept": base.modalities_kept(kept)}
     loss = seg
     if scan_logits is not None:
       class_loss, accuracy = classification_loss(scan_logits, true_modality, scan_mask)
@@ -274,6 +281,18 @@ def make_segmentation_loss(model: PIMMS, config, with_classifier_term: bool,
     return loss, (metrics, model_state)
 
   return loss_fn
+
+
+def classifier_batches(config, load_split):
+  """The classifier stage's batches: the config's patch sampler at `config.classifier.batch_size`
+  (None: config.data.batch_size)."""
+  size = config.classifier.get("batch_size", None)
+  if size is None:
+    return sampling.make_patch_batches(config, load_split("train"))
+  cfg = copy.deepcopy(config)
+  with cfg.unlocked():
+    cfg.data.batch_size = int(size)
+  return sampling.make_patch_batches(cfg, load_split("train"))
 
 
 def make_classifier_loss(model: PIMMS) -> base.LossFn:
@@ -297,31 +316,30 @@ def make_classifier_loss(model: PIMMS) -> base.LossFn:
 def build(config) -> base.Method:
   task = get_task(config.task)
   modalities = tuple(config.modalities)
-  m = config.model
-  if m.variant not in VARIANTS:
-    raise ValueError(f"config.model.variant: unknown variant {m.variant!r}; "
+  m, variant = config.model, config.variant
+  if variant not in VARIANTS:
+    raise ValueError(f"config.variant: unknown PIMMS variant {variant!r}; "
                      f"choose one of {VARIANTS}")
+  batch = config.classifier.get("batch_size", None)
+  if batch is not None and int(batch) < 1:
+    raise ValueError(f"config.classifier.batch_size: must be >= 1 or None, got {batch}")
   if int(m.max_scans) < 1:
     raise ValueError(f"config.model.max_scans: must be >= 1, got {m.max_scans}")
-  model = PIMMS(
-      num_modalities=len(modalities), num_classes=task.num_classes, variant=m.variant,
-      classifier_features=tuple(m.classifier_features),
-      classifier_blocks=tuple(m.classifier_blocks), classifier_kernel=m.classifier_kernel,
-      backend_features=tuple(m.backend_features), backend_kernel=m.backend_kernel,
-      pool_window=m.pool_window, frontend_features=tuple(m.frontend_features),
-      frontend_kernel=m.frontend_kernel, final_kernel=m.final_kernel, conv_impl=m.conv_impl)
+  model = base.model_from_config(PIMMS, m, num_modalities=len(modalities),
+                                 num_classes=task.num_classes, variant=variant)
   if len(m.classifier_features) != len(m.classifier_blocks):
     raise ValueError("config.model.classifier_blocks: needs one count per classifier_features "
                      f"entry, got {tuple(m.classifier_blocks)} for {tuple(m.classifier_features)}")
-  loss_fn = make_segmentation_loss(model, config, with_classifier_term=m.variant == "online")
+  loss_fn = make_segmentation_loss(model, config, with_classifier_term=variant == "online")
   stages = ()
-  if m.variant in ("soft", "hard"):
+  if variant in ("soft", "hard"):
     # Offline: the classifier first, then the segmentation network with the classifier frozen;
     # the segmentation stage counts its steps from its start (curriculum, sampling phases).
     offset = int(config.classifier.num_steps)
     stages = (
         base.Stage("classifier", make_classifier_loss(model), offset,
-                   config.classifier.optimizer, trainable=(CLASSIFIER,), validate=False),
+                   config.classifier.optimizer, trainable=(CLASSIFIER,), validate=False,
+                   make_batches=classifier_batches),
         base.Stage("segmentation", make_segmentation_loss(model, config, False, offset),
                    config.train.num_steps, config.optimizer, trainable=(SEGMENTER,),
                    step_offset=offset),

@@ -3,14 +3,15 @@
   from hemijax import load_predictor
   from hemijax.models.pimms import unnamed_inputs as unlabeled
   predictor = load_predictor("runs/pimms_soft")
-  labels = unlabeled.predict_unlabeled(predictor, [scan_a, scan_b])      # 3D arrays, any order
+  labels = unlabeled.predict_unlabeled(predictor, [scan_a, scan_b], affine)  # 3D, any order
   unlabeled.predict_unlabeled_files(predictor, ["a.nii.gz", "b.nii.gz"], "seg.nii.gz")
 
   python evaluate.py --workdir runs/pimms_soft    # also writes classifier_accuracy.md/.json
 
-The scans are preprocessed together (one brain mask: voxels non-zero in any scan; crop;
-per-scan normalisation inside it), padded to `config.model.max_scans` masked scans, and segmented
-by the model, whose classifier decides which modality each scan is. The classifier's accuracy is
+The scans (raw intensities, background 0, with their affine: see `hemijax.inference.inputs`) are
+preprocessed together (one brain mask: voxels non-zero in any scan; crop; per-scan normalisation
+inside it), padded to `config.model.max_scans` masked scans, and segmented by the model, whose
+classifier decides which modality each scan is. The classifier's accuracy is
 measured on the windows the model sees at inference (axial slices for 2D models, `roi` windows for
 3D ones) that hold any brain voxel: `window_accuracy` over (window, present modality) pairs, and
 `volume_accuracy` over (case, present modality) pairs from the window-averaged probabilities.
@@ -25,7 +26,7 @@ import weakref
 import jax
 import numpy as np
 
-from hemijax.inference import sliding_window as inference
+from hemijax.inference import inputs, sliding_window as inference
 from hemijax.data import io, preprocess
 from hemijax import atomic
 from hemijax.models.pimms.model import pad_scans
@@ -35,7 +36,7 @@ _FORWARDS = weakref.WeakKeyDictionary()  # predictor -> jitted forward over max_
 
 def has_classifier(config) -> bool:
   """Whether the config's model holds a modality classifier (PIMMS soft, hard or online)."""
-  return config.method == "pimms" and config.model.variant != "hemis"
+  return config.method == "pimms" and config.variant != "hemis"
 
 
 def check_unlabeled_config(config) -> None:
@@ -43,12 +44,12 @@ def check_unlabeled_config(config) -> None:
   if config.method != "pimms":
     raise ValueError(f"unnamed inputs need a PIMMS workdir; this one is {config.method!r} "
                      "(give MODALITY=PATH inputs)")
-  if config.model.variant == "hemis":
+  if config.variant == "hemis":
     raise ValueError("this PIMMS workdir is the 'hemis' variant (true modality labels, no "
                      "classifier); give MODALITY=PATH inputs")
 
 
-def preprocess_scans(scans, affine=None, target_spacing=None) -> preprocess.Volume:
+def preprocess_scans(scans, affine, target_spacing=None) -> preprocess.Volume:
   """N unnamed 3D arrays on one grid -> a `Volume` with `image (X, Y, Z, N)`, all available.
 
   The brain is the voxels non-zero in any scan; every scan is cropped to it, resampled and
@@ -57,8 +58,9 @@ def preprocess_scans(scans, affine=None, target_spacing=None) -> preprocess.Volu
   scans = list(scans)
   if not scans:
     raise ValueError("scans: give at least one scan")
-  affine = np.eye(4) if affine is None else affine
+  affine = inputs.check_affine(affine)
   raw = preprocess.raw_case_from_arrays({f"scans[{i}]": s for i, s in enumerate(scans)}, affine)
+  inputs.check_background(raw.images, where=lambda name: name)
   brain = np.zeros(raw.shape, bool)
   for array in raw.images.values():
     brain |= array != 0
@@ -87,7 +89,8 @@ def _slot_forward(predictor):
 
 def predict_unlabeled(predictor, scans, affine=None, return_probabilities=False,
                       return_modalities=False):
-  """Label map (dataset label values, in the input grid) from a list of unnamed 3D scans.
+  """Label map (dataset label values, in the input grid) from a list of unnamed 3D scans and
+  their 4x4 affine (required: `hemijax.inference.inputs.check_affine`).
 
   `predictor`: `hemijax.load_predictor(workdir)` of a PIMMS workdir (soft, hard or online).
   With `return_probabilities`, also the class probabilities `(X, Y, Z, C)`; with
@@ -103,11 +106,9 @@ def predict_unlabeled(predictor, scans, affine=None, return_probabilities=False,
   volume = preprocess_scans(scans, affine, config.data.target_spacing)
   image, scan_mask = pad_scans(volume.image, volume.available, max_scans)
   method, forward = _slot_forward(predictor)
-  e = config.eval
-  probs = inference.predict_probabilities(
-      method, predictor.variables, image, scan_mask[None],
-      roi=e.roi_size or config.data.patch_size, overlap=e.overlap, batch_size=e.sw_batch_size,
-      blend=e.blend, forward=forward)[0]
+  settings = inference.WindowSettings.from_config(config)
+  probs = inference.predict_probabilities(method, predictor.variables, image, scan_mask[None],
+                                          settings, forward=forward)[0]
   classes = np.argmax(probs, axis=-1)
   labels = preprocess.class_ids_to_label_values(
       preprocess.to_original_grid(volume.transform, classes, order=0),
@@ -117,38 +118,42 @@ def predict_unlabeled(predictor, scans, affine=None, return_probabilities=False,
     out.append(preprocess.to_original_grid(volume.transform, probs, order=1))
   if return_modalities:
     out.append(classify_scans(predictor.method, predictor.variables, volume.image, volume.brain,
-                              roi=e.roi_size or config.data.patch_size))
+                              roi=settings.roi))
   return out[0] if len(out) == 1 else tuple(out)
 
 
 def read_scans(paths):
-  """Loads NIfTI scans that must share one grid -> (arrays, affine); errors name the file."""
+  """Loads NIfTI scans that must share one grid -> (arrays, affine, header of the first); errors
+  name the file."""
   paths = [pathlib.Path(p) for p in paths]
   if not paths:
     raise ValueError("--input: give at least one scan")
-  arrays, affine, shape = [], None, None
+  arrays, affine, shape, header = [], None, None, None
   for path in paths:
-    data, aff, _ = io.load_nifti(path)
+    data, aff, hdr = io.load_nifti(path)
     if shape is None:
-      affine, shape = aff, data.shape
+      affine, shape, header = aff, data.shape, hdr
     elif data.shape != shape or not np.allclose(aff, affine, atol=1e-3):
       raise io.DataError(f"{path}: shape/affine {data.shape} differs from {paths[0]}")
     arrays.append(data)
-  return arrays, affine
+  return arrays, affine, header
 
 
 def predict_unlabeled_files(predictor, paths, output, probabilities=None):
   """Segments unnamed NIfTI scans (`predict.py --input a.nii.gz --input b.nii.gz`).
 
-  Writes the label map (and optionally the 4D probabilities) with the inputs' affine; returns
-  [(path, modality, probability)], the classifier's view of each scan.
+  Writes the label map (and optionally the 4D probabilities) with the inputs' affine and header
+  codes; returns [(path, modality, probability)], the classifier's view of each scan.
   """
-  arrays, affine = read_scans(paths)
+  inputs.check_outputs({"--output": output, "--probabilities": probabilities}, paths)
+  arrays, affine, source_header = read_scans(paths)
   labels, probs, modalities = predict_unlabeled(predictor, arrays, affine,
                                                 return_probabilities=True, return_modalities=True)
-  io.save_nifti_atomic(output, labels.astype(np.uint8 if labels.max() < 256 else np.int16), affine)
+  header = inputs.output_header(source_header, affine)
+  io.save_nifti_atomic(output, labels.astype(np.uint8 if labels.max() < 256 else np.int16), affine,
+                       header)
   if probabilities:
-    io.save_nifti_atomic(probabilities, probs.astype(np.float32), affine)
+    io.save_nifti_atomic(probabilities, probs.astype(np.float32), affine, header)
   return [(str(p), name, prob) for p, (name, prob) in zip(paths, modalities)]
 
 
@@ -243,10 +248,9 @@ def accuracy_markdown(report: dict, title: str) -> str:
 def classifier_evaluator(predictor, volumes, out_dir, *, title, progress=True) -> dict:
   """`evaluate.py`'s extra report for PIMMS workdirs: the modality classifier's accuracy."""
   del progress
-  config = predictor.config
-  report = classifier_report(predictor.method, predictor.variables, volumes,
-                             roi=config.eval.roi_size or config.data.patch_size,
-                             overlap=config.eval.overlap)
+  settings = inference.WindowSettings.from_config(predictor.config)
+  report = classifier_report(predictor.method, predictor.variables, volumes, roi=settings.roi,
+                             overlap=settings.overlap)
   out_dir = pathlib.Path(out_dir)
   atomic.write_json(out_dir / "classifier_accuracy.json", report)
   atomic.write_text(out_dir / "classifier_accuracy.md",

@@ -21,6 +21,11 @@ Training is two `Stage`s of one run:
      dropout theta = 0.5.
 Both stages use Adam with all parameters in the optimiser; the parameters a stage's loss does not
 reach get zero gradients and so zero Adam updates.
+
+`config.variant` picks the paper's two URN rows: "md_pooled" (the default: "URN + MD with pooled
+healthy data", the two stages above) or "md" ("URN + MD": no pre-training; one "segmentation" stage
+trains encoders and segmentation decoder end to end, the encoders' batch normalisations in training
+mode; the synthesis decoders stay untrained).
 """
 from __future__ import annotations
 
@@ -36,88 +41,73 @@ from hemijax import atomic
 from hemijax.nn import modality_dropout as dropout_lib
 from hemijax.nn import fusion
 from hemijax.nn import layers
-from hemijax.nn import losses
-from hemijax.data import preprocess, sampling
+from hemijax.data import datasets, preprocess, sampling
 from hemijax.data.tasks import check_modalities, get_task
 from hemijax.models import base, unet
 
 
-class Encoder(nn.Module):
+class Encoder(unet.UNetSettings, kw_only=True):
   """One modality's encoder: U-Net to the representation, then fixed-parameter normalisation."""
-  representation_channels: int = 16
-  features: Sequence[int] = (16, 32, 64, 128)
-  kernel_size: int = 3
-  negative_slope: float = 0.01
-  bn_momentum: float = 0.9
-  conv_impl: str = "auto"
+  representation_channels: int
+  conv: layers.ModuleDef
 
   @nn.compact
   def __call__(self, x, item_mask, train: bool = False):
-    x = unet.UNet(self.representation_channels, tuple(self.features), self.kernel_size,
-                  self.negative_slope, self.bn_momentum, self.conv_impl, name="unet")(
-                      x, train, item_mask)
+    x = unet.UNet(out_channels=self.representation_channels, conv=self.conv,
+                  **base.settings_of(self, unet.UNetSettings), name="unet")(x, train, item_mask)
     return unet.BatchNorm(use_scale=False, use_bias=False, momentum=self.bn_momentum,
                           name="normalise")(x, train, item_mask)
 
 
 class ResidualBlock(nn.Module):
   """x + conv(leaky_relu(conv(leaky_relu(x)))), same width."""
-  kernel_size: int = 3
-  negative_slope: float = 0.01
-  conv_impl: str = "auto"
+  conv: layers.ModuleDef
+  kernel_size: int
+  negative_slope: float
 
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    y = layers.Conv(width, self.kernel_size, impl=self.conv_impl)(
-        nn.leaky_relu(x, self.negative_slope))
-    y = layers.Conv(width, self.kernel_size, impl=self.conv_impl)(
-        nn.leaky_relu(y, self.negative_slope))
+    y = self.conv(width, self.kernel_size)(nn.leaky_relu(x, self.negative_slope))
+    y = self.conv(width, self.kernel_size)(nn.leaky_relu(y, self.negative_slope))
     return x + y
 
 
 class SynthesisDecoder(nn.Module):
   """One modality's synthesis decoder: residual blocks, then a 1x1 convolution to one channel."""
-  num_blocks: int = 2
-  kernel_size: int = 3
-  negative_slope: float = 0.01
-  conv_impl: str = "auto"
+  conv: layers.ModuleDef
+  num_blocks: int
+  kernel_size: int
+  negative_slope: float
 
   @nn.compact
   def __call__(self, x):
     for _ in range(self.num_blocks):
-      x = ResidualBlock(self.kernel_size, self.negative_slope, self.conv_impl)(x)
-    return layers.Conv(1, 1, impl=self.conv_impl)(x)  # no final activation: intensities
+      x = ResidualBlock(self.conv, self.kernel_size, self.negative_slope)(x)
+    return self.conv(1, 1)(x)  # no final activation: intensities
 
 
-class URN(nn.Module):
+class URN(unet.UNetSettings, kw_only=True):
+  """`features` etc. (`unet.UNetSettings`) are the segmentation decoder's, the baseline U-Net;
+  the encoders are U-Nets of the same settings but `encoder_features`."""
   num_modalities: int
   num_classes: int
   representation_channels: int = 16
   encoder_features: Sequence[int] = (16, 32, 64, 128)
-  features: Sequence[int] = (16, 32, 64, 128)   # the segmentation decoder (baseline U-Net)
-  kernel_size: int = 3
-  negative_slope: float = 0.01
-  bn_momentum: float = 0.9
   synthesis_blocks: int = 2
   f_mean: str = "identity"
   conv_impl: str = "auto"
 
   def setup(self):
-    stacked_encoder = nn.vmap(
-        Encoder, in_axes=(0, 0, None), out_axes=0,
-        variable_axes={"params": 0, "batch_stats": 0}, split_rngs={"params": True},
-        axis_size=self.num_modalities)
-    self.encoders = stacked_encoder(
-        self.representation_channels, tuple(self.encoder_features), self.kernel_size,
-        self.negative_slope, self.bn_momentum, self.conv_impl)
-    stacked_synthesis = nn.vmap(
-        SynthesisDecoder, in_axes=None, out_axes=0, variable_axes={"params": 0},
-        split_rngs={"params": True}, axis_size=self.num_modalities)
-    self.synthesis = stacked_synthesis(self.synthesis_blocks, self.kernel_size,
-                                       self.negative_slope, self.conv_impl)
-    self.segmenter = unet.UNet(self.num_classes, tuple(self.features), self.kernel_size,
-                               self.negative_slope, self.bn_momentum, self.conv_impl)
+    conv = layers.conv_factory(self.conv_impl)
+    unet_settings = base.settings_of(self, unet.UNetSettings)
+    self.encoders = layers.per_modality(
+        Encoder, self.num_modalities, in_axes=(0, 0, None), collections=("params", "batch_stats"))(
+            representation_channels=self.representation_channels, conv=conv,
+            **dict(unet_settings, features=tuple(self.encoder_features)))
+    self.synthesis = layers.per_modality(SynthesisDecoder, self.num_modalities, in_axes=None)(
+        conv, self.synthesis_blocks, self.kernel_size, self.negative_slope)
+    self.segmenter = unet.UNet(out_channels=self.num_classes, conv=conv, **unet_settings)
 
   def encode(self, image, modality_mask=None, train: bool = False):
     """(B, *sp, M) -> normalised per-modality representations (B, M, *sp, C).
@@ -125,12 +115,11 @@ class URN(nn.Module):
     In training mode each encoder's batch statistics use only the items where its modality is
     in `modality_mask` (None: all items).
     """
-    per_modality = jnp.moveaxis(image, -1, 0)[..., None]          # (M, B, *sp, 1)
     if modality_mask is None:
       item_mask = jnp.ones((self.num_modalities, image.shape[0]), bool)
     else:
       item_mask = jnp.asarray(modality_mask, bool).T
-    return jnp.moveaxis(self.encoders(per_modality, item_mask, train), 0, 1)
+    return layers.apply_per_modality(self.encoders, image, item_mask, train)
 
   def fuse(self, features, modality_mask):
     """Generalised f-mean over the available modalities: (B, M, *sp, C) -> (B, *sp, C)."""
@@ -201,32 +190,32 @@ def pretrain_loss(model: URN, config) -> base.LossFn:
     variance = masked_variance_term(features, mask, valid)
     loss = mse + variance_weight * variance
     metrics = {"synthesis_mse": mse, "representation_variance": variance,
-               "modalities_kept": jnp.mean(jnp.sum(mask, axis=-1))}
+               "modalities_kept": base.modalities_kept(mask)}
     return loss, (metrics, dict(new_state))
 
   return loss_fn
 
 
-def segmentation_loss(model: URN, config) -> base.LossFn:
-  """Stage 2: the segmentation decoder on the frozen encoders' fused representation."""
+def segmentation_loss(model: URN, config, train_encoders: bool = False) -> base.LossFn:
+  """Stage 2: the segmentation decoder on the frozen encoders' fused representation; with
+  `train_encoders`, encoders and decoder end to end ("URN + MD", no pre-training)."""
   sampler = dropout_lib.make_sampler(config.dropout)
-  loss_cfg = config.loss
 
   def loss_fn(params, model_state, batch, key, step):
     mask = sampler(key, batch["modality_mask"], step)
     variables = {"params": params, **model_state}
+    if train_encoders:
+      logits, new_state = model.apply(variables, batch["image"], mask, train=True,
+                                      mutable=["batch_stats"])
+      loss, terms = base.batch_segmentation_loss(logits, batch, config.loss)
+      return loss, ({**terms, "modalities_kept": base.modalities_kept(mask)}, dict(new_state))
     image = base.zero_missing(batch["image"], mask)
     # Frozen encoders: running statistics, and no gradient (nor its cost) reaches them.
     features = jax.lax.stop_gradient(model.apply(variables, image, method="encode"))
     logits, new_state = model.apply(variables, features, mask, train=True, method="decode",
                                     mutable=["batch_stats"])
-    valid = batch.get("valid")
-    ce = losses.cross_entropy(logits, batch["label"], valid, loss_cfg.get("class_weights"))
-    dice = losses.soft_dice(logits, batch["label"], valid)
-    loss = loss_cfg.ce_weight * ce + loss_cfg.dice_weight * dice
-    metrics = {"cross_entropy": ce, "soft_dice_loss": dice,
-               "modalities_kept": jnp.mean(jnp.sum(mask, axis=-1))}
-    return loss, (metrics, dict(new_state))
+    loss, terms = base.batch_segmentation_loss(logits, batch, config.loss)
+    return loss, ({**terms, "modalities_kept": base.modalities_kept(mask)}, dict(new_state))
 
   return loss_fn
 
@@ -239,7 +228,7 @@ def healthy_root(config) -> pathlib.Path:
   """Cache folder of the healthy phantom; its name encodes every generation option."""
   p = config.pretrain
   names = "-".join(p.healthy_modalities)
-  return (pathlib.Path(config.data.cache_dir) / "phantoms" /
+  return (datasets.cache_root(config) / "phantoms" /
           f"healthy_{names}_n{p.healthy_subjects}_seed{config.data.phantom_seed}"
           f"_sp{config.data.phantom_spacing:g}_{config.data.phantom_protocol}")
 
@@ -284,7 +273,7 @@ def healthy_volumes(config) -> list:
   return preprocess.load_dataset(
       root, modalities=tuple(config.modalities), label_values=get_task(config.task).label_values,
       layout="brats", split=None, target_spacing=config.data.target_spacing,
-      cache_dir=pathlib.Path(config.data.cache_dir) / "preprocessed")
+      cache_dir=datasets.cache_root(config) / "preprocessed")
 
 
 def pretrain_batches(config, load_split):
@@ -304,8 +293,17 @@ def pretrain_batches(config, load_split):
 # ------------------------------------------------------------------------------------------------
 
 
+VARIANTS = ("md_pooled", "md")
+
+
 def check_config(config):
   m, p = config.model, config.pretrain
+  variant = config.get("variant", "md_pooled")
+  if variant not in VARIANTS:
+    raise ValueError(f"config.variant: unknown URN variant {variant!r}; choose one of {VARIANTS}")
+  if variant == "md" and int(p.num_steps) != 0:
+    raise ValueError(f"config.pretrain.num_steps: the 'md' variant has no pre-training; set it to "
+                     f"0, got {p.num_steps}")
   unet.check_features(m.features)
   unet.check_features(m.encoder_features, option="config.model.encoder_features")
   if m.f_mean not in fusion.F_MEANS:
@@ -335,12 +333,17 @@ def build(config) -> base.Method:
   modalities = tuple(config.modalities)
   check_config(config)
   m = config.model
-  model = URN(
-      num_modalities=len(modalities), num_classes=task.num_classes,
-      representation_channels=int(m.representation_channels),
-      encoder_features=tuple(m.encoder_features), features=tuple(m.features),
-      kernel_size=m.kernel_size, negative_slope=m.negative_slope, bn_momentum=m.bn_momentum,
-      synthesis_blocks=m.synthesis_blocks, f_mean=m.f_mean, conv_impl=m.conv_impl)
+  model = base.model_from_config(URN, m, num_modalities=len(modalities),
+                                 num_classes=task.num_classes)
+  multiple = max(unet.size_multiple(m.features), unet.size_multiple(m.encoder_features))
+  if config.get("variant", "md_pooled") == "md":
+    # "URN + MD": encoders trained end to end on segmentation, no pre-training stage.
+    seg_loss = segmentation_loss(model, config, train_encoders=True)
+    return base.Method(name="urn", model=model, loss_fn=seg_loss, modalities=modalities,
+                       num_classes=task.num_classes, spatial_dims=len(config.data.patch_size),
+                       size_multiple=multiple,
+                       stages=(base.Stage("segmentation", seg_loss, config.train.num_steps,
+                                          config.optimizer),))
   seg_loss = segmentation_loss(model, config)
   stages = (
       # The segmentation decoder is untrained here: validating it would only add noise.
@@ -351,7 +354,6 @@ def build(config) -> base.Method:
       base.Stage("segmentation", seg_loss, config.train.num_steps, config.optimizer,
                  step_offset=int(config.pretrain.num_steps)),
   )
-  multiple = max(unet.size_multiple(m.features), unet.size_multiple(m.encoder_features))
   return base.Method(name="urn", model=model, loss_fn=seg_loss, modalities=modalities,
                      num_classes=task.num_classes, spatial_dims=len(config.data.patch_size),
                      size_multiple=multiple, stages=stages)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hemijax import atomic
-from hemijax.evaluation import report as evaluation
+from hemijax.evaluation import subsets as evaluation
 from hemijax.inference import sliding_window as inference
 
 CSV_FIELDS = ("case_id", "subset", "target", "psnr", "mse")
@@ -80,22 +80,22 @@ def psnr(prediction, truth, region):
   return 10.0 * math.log10(peak * peak / mse), mse
 
 
-def synthesis_psnr(predictor_or_pair, volumes, modalities=None, *, roi=None, overlap=0.5,
-                   batch_size=4, progress=False) -> list[dict]:
+def synthesis_psnr(predictor_or_pair, volumes, modalities=None, *, settings=None,
+                   progress=False) -> list[dict]:
   """Rows {case_id, subset, target, psnr, mse}: every held modality from every subset lacking it.
 
   `predictor_or_pair`: a `hemijax.inference.predictor.Predictor` or a `(method, variables)` pair.
   `volumes`: preprocessed `Volume`s (e.g. `datasets.load_split(config, "test")`); the brain mask of
-  each is the region compared. `roi`: 3D window (default: the predictor config's evaluation window
-  or patch; None with a pair: the whole volume).
+  each is the region compared. `settings`: an `inference.WindowSettings` (default: the predictor
+  config's; with a pair, the whole volume).
   """
   method, variables, config = _method_and_variables(predictor_or_pair)
   modalities = tuple(modalities or method.modalities)
   if len(modalities) != len(method.modalities):
     raise ValueError(f"modalities: expected {len(method.modalities)} names, got {modalities}")
-  if roi is None and config is not None:
-    roi = config.eval.roi_size or config.data.patch_size
-    overlap = config.eval.overlap
+  if settings is None:
+    settings = (inference.WindowSettings.from_config(config) if config is not None
+                else inference.WindowSettings())
   forward = make_synthesis_forward(method, variables)
   subsets = evaluation.all_subsets(modalities)
   rows = []
@@ -109,9 +109,8 @@ def synthesis_psnr(predictor_or_pair, volumes, modalities=None, *, roi=None, ove
     if not chosen:
       continue
     masks = np.array([[m in s for m in modalities] for s in chosen])
-    synthesised = inference.predict_probabilities(
-        method, variables, vol.image, masks, roi=roi, overlap=overlap, batch_size=batch_size,
-        forward=forward)
+    synthesised = inference.predict_probabilities(method, variables, vol.image, masks, settings,
+                                                  forward=forward)
     brain = np.asarray(vol.brain, bool)
     for subset, images in zip(chosen, synthesised):
       for i, target in enumerate(modalities):

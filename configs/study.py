@@ -1,0 +1,113 @@
+r"""The robustness study: every method x modality subset x metric, several seeds, one report.
+
+  python study.py --config configs/study.py:demo --workdir runs/study
+  python study.py --config configs/study.py:smoke --workdir runs/study_smoke   # minutes, CI
+
+Trains every run x seed not finished yet (an interrupted one resumes from its checkpoints, a
+finished one is skipped), evaluates them all on the same cases at the same checkpoint policy, and
+writes WORKDIR/report/ (report.md, report.json, Dice-by-present-modalities PNGs); a finished study
+re-renders its report in seconds. `--render_only` renders from the finished runs alone.
+
+Presets: `demo` (default: the methods of docs/results.md at their demo presets, 3 seeds for the
+2D tumour methods, 2 for the others), `paper` (the same runs at their paper presets), `smoke`
+(HeMIS and the U-Net at their smoke presets, 3 steps, 2 seeds: the whole pipeline in a few minutes
+on 2 cores).
+
+Fields: `runs` (name, method config file, preset, config `overrides` as dotted field -> value,
+optional `seeds`), `seeds`, `reference` (run names: each group of runs evaluated on the same data
+is compared against the first of these it contains, else its first run), `evaluations` (name,
+split, `data` folder or None for each run's own data, `data_overrides`, optional `runs`), `step`
+(the checkpoint every evaluation uses), `overrides` (for every run), `metrics`, and `claims` (the
+papers' claims as computed checks; kinds in hemijax/evaluation/claims.py; a claim whose runs are not
+in the study is reported as "not run").
+"""
+import ml_collections
+
+PRESETS = ("paper", "demo", "smoke")
+TUMOUR_2D_SEEDS = (0, 1, 2)
+OTHER_SEEDS = (0, 1)
+
+# The papers' relative claims (HeMIS, modality dropout, URN, disentanglement, PIMMS, joint model).
+CLAIMS = (
+    # Normalised images have mean 0, so the zero-filled U-Net is the HeMIS paper's mean-filling.
+    dict(kind="beats_in_subsets", run="hemis", baseline="unet", region="WT", min_subsets=10,
+         text="HeMIS beats mean-filling (U-Net, missing modalities zero = mean) on WT in ≥ 10 of "
+              "15 subsets"),
+    dict(kind="better_on_average", run="unet_dropout", baseline="unet", region="WT",
+         missing=("flair",),
+         text="Modality dropout rescues the U-Net without FLAIR (mean WT over the subsets lacking "
+              "FLAIR)"),
+    dict(kind="beats_in_subsets", run="urn_pooled", baseline="unet_dropout", region="WT",
+         min_subsets=14, strict=False,
+         text="URN + MD (pooled pre-training data) ≥ U-Net + MD on WT in ≥ 14 of 15 subsets"),
+    dict(kind="beats_in_subsets", run="disentangle", baseline="hemis", region=("WT", "TC", "ET"),
+         min_subsets=15,
+         text="Disentangled + gated fusion beats HeMIS in 15 of 15 subsets (WT, TC and ET)"),
+    dict(kind="better_on_average", run="disentangle_mean_dis", baseline="disentangle_mean",
+         region=("WT", "TC", "ET"),
+         text="Disentanglement helps (average fusion: with vs without disentanglement, mean Dice)"),
+    dict(kind="better_on_average", run="disentangle", baseline="disentangle_mean_dis",
+         region=("WT", "TC", "ET"),
+         text="Gated fusion helps (disentangled: gated vs average fusion, mean Dice)"),
+    # "Within reach": our reading is at most 5 Dice points below, on the mean over subsets.
+    dict(kind="within_points", run="pimms_soft", baseline="pimms_hemis", region="lesion", points=5,
+         text="PIMMS (soft mapping) is within reach of HeMIS given the modalities' names "
+              "(≤ 5 Dice points below, mean over the 7 subsets)"),
+    dict(kind="within_points", run="joint", baseline="joint_tissue_only",
+         region=("csf", "gm", "wm"), points=2,
+         text="The joint model is within 2 Dice points of the tissue-only model"),
+    dict(kind="within_points", run="joint", baseline="joint_lesion_only", region="lesion", points=2,
+         text="The joint model is within 2 Dice points of the lesion-only model"),
+)
+
+
+def _run(name, config, preset, seeds, **overrides):
+  return dict(name=name, config=f"configs/{config}.py", preset=preset, seeds=seeds,
+              overrides=overrides)
+
+
+def study_runs(preset: str) -> list[dict]:
+  """The issue's list: tumour (2D and 3D), PIMMS on WMH, joint lesion + tissue."""
+  tumour, other = TUMOUR_2D_SEEDS, OTHER_SEEDS
+  return [
+      _run("hemis", "hemis", preset, tumour),
+      _run("unet", "unet", preset, tumour),
+      _run("unet_dropout", "unet", f"{preset}_dropout", tumour),
+      _run("mlp_impute", "mlp_impute", preset, tumour),
+      _run("urn", "urn", preset, tumour, **{"pretrain.healthy_subjects": 0}),
+      _run("urn_pooled", "urn", preset, tumour),
+      _run("disentangle", "disentangle", preset, other),
+      _run("disentangle_mean", "disentangle", preset, other,
+           **{"model.fusion": "mean", "model.disentangle": False}),
+      _run("disentangle_mean_dis", "disentangle", preset, other, **{"model.fusion": "mean"}),
+      _run("pimms_hemis", "pimms", f"{preset}_hemis", other),
+      _run("pimms_soft", "pimms", f"{preset}_soft", other),
+      _run("pimms_hard", "pimms", f"{preset}_hard", other),
+      _run("pimms_online", "pimms", f"{preset}_online", other),
+      _run("joint", "joint", preset, other),
+      _run("joint_noconsistency", "joint", preset, other, **{"loss.consistency_weight": 0.0}),
+      _run("joint_tissue_only", "joint", preset, other, variant="tissue_only"),
+      _run("joint_lesion_only", "joint", preset, other, variant="lesion_only"),
+  ]
+
+
+def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
+  if preset not in PRESETS:
+    raise ValueError(f"configs/study.py: unknown preset {preset!r}; choose one of {PRESETS}")
+  config = ml_collections.ConfigDict()
+  config.title = f"hemijax robustness study ({preset})"
+  config.seeds = TUMOUR_2D_SEEDS
+  # Each group of runs on the same data is compared against the first of these it holds.
+  config.reference = ("hemis", "pimms_hemis", "joint")
+  config.evaluations = [dict(name="test", split="test", data=None)]
+  config.step = "best"
+  config.overrides = ml_collections.ConfigDict()  # nested: overrides.train.num_steps
+  config.metrics = ("dice", "hd95", "assd")
+  config.claims = list(CLAIMS)
+  if preset == "smoke":
+    config.seeds = (0, 1)
+    config.runs = [_run("hemis", "hemis", "smoke", None), _run("unet", "unet", "smoke", None)]
+    config.overrides.train = dict(num_steps=3)
+  else:
+    config.runs = study_runs(preset)
+  return config

@@ -1,0 +1,808 @@
+"""The robustness study: runs x seeds, trained and evaluated alike, one report with computed claims.
+
+A study config (configs/study.py) lists runs (a display name, a method config file, its preset and
+config overrides), seeds, the reference run(s), the evaluations (datasets/splits) and the claims.
+`run_study` brings every run x seed to "finished", then renders the report:
+
+  WORKDIR/runs/<run>/seed<k>/            the run's training workdir (as train.py's), and
+      study.json                         the marker: config fingerprint, training wall time
+                                         (summed over attempts), and each evaluation done (data,
+                                         split, checkpoint step, wall time, cases.csv, the
+                                         method's own reports)
+      study_eval/<evaluation>/           evaluate_workdir's output for that evaluation
+  WORKDIR/report/                        report.md, report.json, dice_by_present_<group>.png,
+                                         extra/ (the runs' own reports: synthesis, classifier
+                                         accuracy); replaced as a whole (built aside, then renamed)
+  WORKDIR/study_config.json              the resolved study config of the last invocation
+
+Resuming: a run x seed is trained unless its marker says it was trained with the same resolved
+config (a sha256 of the config JSON); an interrupted training resumes from its checkpoints (the
+loop does that); a changed config resets the marker and trains on from the checkpoints (the loop
+refuses a changed model). Each evaluation is redone unless the marker records it with the same data
+root, split and checkpoint policy. A finished study therefore re-renders its report without
+training or evaluating: it reads the markers and the cases.csv files.
+
+Statistics (report): for each run, metric, region and subset, each seed's mean over its cases, then
+the mean and sample sd (ddof=1; none with one seed) of those seed means. Paired tests use the
+seed-averaged value of each case (mean over the seeds that scored it), against the group's
+reference run, over the cases both were scored on (`hemijax.evaluation.statistics`),
+Holm-corrected over all the tests of one table (one metric x region: subsets x runs). Wins count
+the subset x region cells where a run's mean is the best (ties: each). Runs are compared only
+within a *group*: the runs evaluated on the same data root and split under the same evaluation
+name. The "as acquired" rows (each case with all the modalities it has) are shown and tested but
+are not a subset: no wins, claims or plot points.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import datetime
+import hashlib
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+from hemijax import atomic
+from hemijax.evaluation import claims as claims_lib
+from hemijax.evaluation import statistics
+from hemijax.evaluation.metrics import HIGHER_IS_BETTER
+from hemijax.evaluation.subsets import AS_ACQUIRED, all_subsets, display_name, subset_symbol
+
+MARKER = "study.json"
+EVAL_FOLDER = "study_eval"
+REPORT = "report"
+DEFAULT_METRICS = ("dice", "hd95", "assd")
+METRIC_DISPLAY = {"dice": "Dice", "hd95": "HD95 (mm)", "assd": "ASSD (mm)",
+                  "sensitivity": "Sensitivity", "precision": "Precision"}
+DECIMALS = {"dice": 3, "sensitivity": 3, "precision": 3}  # others (distances in mm): 2
+SIGNIFICANCE = 0.05  # marks Holm-adjusted p-values below it in the Markdown
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.+")
+
+
+# ---------------------------------------------------------------------------------------------
+# The study config
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str
+  config: str           # method config file
+  preset: str
+  overrides: dict       # dotted config field -> value
+  seeds: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  name: str
+  split: str
+  data: str | None      # a dataset folder; None: the run's own data (after data_overrides)
+  data_overrides: dict  # config overrides selecting the run's data (a held-out protocol, ...)
+  runs: tuple | None    # the runs it applies to; None: all
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  title: str
+  runs: tuple
+  references: tuple     # per group, the first of these in the group is its reference
+  evaluations: tuple
+  step: str             # checkpoint policy for every evaluation
+  overrides: dict       # applied to every run before its own
+  metrics: tuple
+  claims: tuple
+  source: str
+
+  def run(self, name) -> Run:
+    return next(r for r in self.runs if r.name == name)
+
+
+def _get(config, field, default=None):
+  return config[field] if field in config and config[field] is not None else default
+
+
+def _check_name(name, where):
+  if not isinstance(name, str) or not name or not set(name) <= _NAME_CHARS or name[0] == ".":
+    raise ValueError(f"{where}: name {name!r} must be letters, digits and _-.+ (a folder name)")
+  return name
+
+
+def parse_study(config, source="study config") -> Study:
+  """The study config (a ConfigDict or dict), checked, as a `Study`; ValueError naming the field."""
+  seeds = tuple(int(s) for s in _get(config, "seeds", (0,)))
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ValueError(f"{source}: seeds must be distinct and non-empty, got {seeds}")
+  runs = []
+  for i, entry in enumerate(_get(config, "runs", ())):
+    entry, where = dict(entry), f"{source}: runs[{i}]"
+    unknown = set(entry) - {"name", "config", "preset", "overrides", "seeds"}
+    if unknown or "name" not in entry or "config" not in entry:
+      raise ValueError(f"{where}: needs name and config; unknown fields {sorted(unknown)}")
+    run_seeds = tuple(int(s) for s in entry.get("seeds") or seeds)
+    runs.append(Run(_check_name(entry["name"], where), str(entry["config"]),
+                    str(entry.get("preset", "demo")), flatten_overrides(entry.get("overrides")),
+                    run_seeds))
+  names = [r.name for r in runs]
+  if not runs or len(set(names)) != len(names):
+    raise ValueError(f"{source}: runs must be non-empty with distinct names, got {names}")
+  references = _get(config, "reference", names[0])
+  references = (references,) if isinstance(references, str) else tuple(references)
+  if not set(references) & set(names):
+    raise ValueError(f"{source}: reference: none of {list(references)} is a run name ({names})")
+  evaluations = []
+  for i, entry in enumerate(_get(config, "evaluations", None) or ({"name": "test"},)):
+    entry, where = dict(entry), f"{source}: evaluations[{i}]"
+    unknown = set(entry) - {"name", "split", "data", "data_overrides", "runs"}
+    if unknown or "name" not in entry:
+      raise ValueError(f"{where}: needs a name; unknown fields {sorted(unknown)}")
+    only = tuple(entry["runs"]) if entry.get("runs") is not None else None
+    if only is not None and not set(only) <= set(names):
+      raise ValueError(f"{where}: runs {sorted(set(only) - set(names))} are not run names")
+    evaluations.append(Evaluation(
+        _check_name(entry["name"], where), str(entry.get("split", "test")), entry.get("data"),
+        flatten_overrides(entry.get("data_overrides")), only))
+  if len({e.name for e in evaluations}) != len(evaluations):
+    raise ValueError(f"{source}: evaluation names must be distinct")
+  metrics = tuple(_get(config, "metrics", DEFAULT_METRICS))
+  unknown = [m for m in metrics if m not in HIGHER_IS_BETTER]
+  if unknown:
+    raise ValueError(f"{source}: unknown metrics {unknown}; choose from {sorted(HIGHER_IS_BETTER)}")
+  if "dice" not in metrics:
+    raise ValueError(f"{source}: metrics must include dice (wins, the plot and claims use it)")
+  return Study(title=str(_get(config, "title", "Study")), runs=tuple(runs), references=references,
+               evaluations=tuple(evaluations), step=str(_get(config, "step", "best")),
+               overrides=flatten_overrides(_get(config, "overrides", {})), metrics=metrics,
+               claims=tuple(claims_lib.validate(_get(config, "claims", ()),
+                                                source=f"{source}: claims")),
+               source=source)
+
+
+def _load_config_module(path, where):
+  path = pathlib.Path(path)
+  if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
+    path = REPO_ROOT / path
+  if not path.is_file():
+    raise ValueError(f"{where}: config file {path} not found")
+  # A config file in a package (configs/) imports its siblings as `configs.<name>`.
+  if (path.parent / "__init__.py").is_file() and str(path.parent.parent) not in sys.path:
+    sys.path.insert(0, str(path.parent.parent))
+  spec = importlib.util.spec_from_file_location(f"_study_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def flatten_overrides(overrides, prefix="") -> dict:
+  """{"model": {"fusion": "mean"}, "train.num_steps": 3} -> {"model.fusion": "mean",
+  "train.num_steps": 3}."""
+  flat = {}
+  for key, value in (overrides or {}).items():
+    if isinstance(value, Mapping) or hasattr(value, "items"):  # dict or ConfigDict
+      flat.update(flatten_overrides(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def apply_overrides(config, overrides, where: str):
+  """Sets fields of a ConfigDict, given dotted ("model.fusion") or nested; each must exist."""
+  for dotted, value in flatten_overrides(overrides).items():
+    *parents, leaf = str(dotted).split(".")
+    node = config
+    for part in parents:
+      if part not in node:
+        raise ValueError(f"{where}: override {dotted!r}: the config has no field {part!r}")
+      node = node[part]
+    if leaf not in node:
+      raise ValueError(f"{where}: override {dotted!r}: the config has no field {leaf!r}")
+    try:
+      node[leaf] = tuple(value) if isinstance(value, list) else value
+    except TypeError as e:
+      raise ValueError(f"{where}: override {dotted!r}: {e}") from None
+  return config
+
+
+def method_config(study: Study, run: Run, seed: int):
+  """The run's resolved method config for one seed."""
+  where = f"{study.source}: run {run.name!r}"
+  config = _load_config_module(run.config, where).get_config(run.preset)
+  apply_overrides(config, study.overrides, f"{study.source}: overrides ({run.name})")
+  apply_overrides(config, run.overrides, where)
+  config.seed = int(seed)
+  return config
+
+
+def fingerprint(config) -> str:
+  return hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()
+
+
+def run_dir(workdir, run_name: str, seed: int) -> pathlib.Path:
+  return pathlib.Path(workdir) / "runs" / run_name / f"seed{seed}"
+
+
+def evaluations_of(study: Study, run: Run) -> list[Evaluation]:
+  return [e for e in study.evaluations if e.runs is None or run.name in e.runs]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bringing a run x seed to "finished"
+
+
+def read_marker(folder) -> dict:
+  path = pathlib.Path(folder) / MARKER
+  return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def evaluation_spec(study: Study, evaluation: Evaluation, config) -> dict:
+  """What an evaluation is done on: data root, split, checkpoint policy (a marker entry key)."""
+  if evaluation.data:
+    root = pathlib.Path(evaluation.data)
+  else:
+    from hemijax.data import datasets  # generates a built-in phantom the first time
+
+    root = datasets.dataset_root(apply_overrides(
+        config.copy_and_resolve_references(), evaluation.data_overrides,
+        f"{study.source}: evaluations {evaluation.name!r}: data_overrides"))
+  return {"data": str(pathlib.Path(root).absolute()), "split": evaluation.split, "step": study.step}
+
+
+def is_finished(marker: dict, fingerprint_: str, specs: dict) -> bool:
+  done = marker.get("evaluations", {})
+  return (marker.get("fingerprint") == fingerprint_ and marker.get("trained", False)
+          and all(done.get(name, {}).get("spec") == spec for name, spec in specs.items()))
+
+
+def _write_marker(folder, marker):
+  atomic.write_json(pathlib.Path(folder) / MARKER, marker)
+
+
+def git_commit() -> str | None:
+  """`git describe --always --dirty` of the hemijax checkout, or None outside one."""
+  try:
+    out = subprocess.run(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
+                         capture_output=True, text=True, timeout=10)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out.stdout.strip() or None
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def ensure_finished(study: Study, run: Run, seed: int, workdir, *, progress=False,
+                    log=print) -> dict:
+  """Trains (or resumes) and evaluates one run x seed unless its marker says it is done; returns
+  the marker."""
+  folder = run_dir(workdir, run.name, seed)
+  config = method_config(study, run, seed)
+  fp = fingerprint(config)
+  specs = {e.name: evaluation_spec(study, e, config) for e in evaluations_of(study, run)}
+  marker = read_marker(folder)
+  if is_finished(marker, fp, specs):
+    return marker
+  if marker.get("fingerprint") != fp:  # new, or the study changed this run's config
+    marker = {"run": run.name, "seed": seed, "fingerprint": fp, "trained": False,
+              "train_wall_s": marker.get("train_wall_s", 0.0),
+              "train_attempts": marker.get("train_attempts", 0), "evaluations": {}}
+  if not marker["trained"]:
+    from hemijax.training import loop
+
+    log(f"train {run.name} seed {seed} -> {folder}")
+    start = time.perf_counter()
+    try:
+      loop.train(config, folder, progress=progress)
+    finally:  # an interrupted attempt's time counts too
+      marker["train_wall_s"] += time.perf_counter() - start
+      marker["train_attempts"] += 1
+      _write_marker(folder, marker)
+    marker.update(trained=True, trained_at=_now(), commit=git_commit())
+    _write_marker(folder, marker)
+  for name, spec in specs.items():
+    if marker["evaluations"].get(name, {}).get("spec") == spec:
+      continue
+    marker["evaluations"][name] = _evaluate(folder, name, spec, progress, log, run, seed)
+    _write_marker(folder, marker)
+  return marker
+
+
+_SUMMARY_FIELDS = {"modalities", "regions", "metrics", "subsets", "overall", "workdir", "method",
+                   "split", "reports", "step", "step_requested", "data", "metric_conventions",
+                   "left_out", "not_applicable", "comparison", "as_acquired"}
+
+
+def _evaluate(folder, name, spec, progress, log, run, seed) -> dict:
+  from hemijax.evaluation.evaluate import evaluate_workdir
+
+  log(f"evaluate {run.name} seed {seed} on {spec['data']} ({spec['split']})")
+  out = folder / EVAL_FOLDER / name
+  start = time.perf_counter()
+  summary = evaluate_workdir(folder, data=spec["data"], split=spec["split"], out=out,
+                             step=spec["step"], progress=progress)
+  wall = time.perf_counter() - start
+  reports = [str(pathlib.Path(r).resolve().relative_to(folder.resolve()))
+             for r in summary.get("reports", ())
+             if not pathlib.Path(r).name.startswith(("summary.", "comparison"))]
+  extras = {k: v for k, v in summary.items() if k not in _SUMMARY_FIELDS}
+  return {"spec": spec, "wall_s": wall, "evaluated_at": _now(), "step": summary.get("step"),
+          "cases": str((out / "cases.csv").relative_to(folder)), "method": summary.get("method"),
+          "modalities": list(summary["modalities"]), "regions": list(summary["regions"]),
+          "metric_conventions": summary.get("metric_conventions"), "reports": reports,
+          "extras": json.loads(json.dumps(extras, default=str))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Results: pure functions of the cases.csv rows
+
+
+def read_cases(path, metrics) -> list[dict]:
+  """cases.csv rows with the `metrics` as floats (read with the csv module)."""
+  with open(path, newline="", encoding="utf-8") as f:
+    rows = list(csv.DictReader(f))
+  missing = [m for m in metrics if rows and m not in rows[0]]
+  if missing:
+    raise ValueError(f"{path}: no column {missing}")
+  return [dict(row, **{m: float(row[m]) for m in metrics}) for row in rows]
+
+
+def _subset_order(modalities) -> list[str]:
+  return ["+".join(s) for s in all_subsets(modalities)] + [AS_ACQUIRED]
+
+
+def _mean_sd(values) -> tuple:
+  values = np.asarray(values, float)
+  return float(values.mean()), (float(values.std(ddof=1)) if values.size > 1 else None)
+
+
+def run_cells(rows_by_seed: dict, metric: str) -> dict:
+  """region -> subset -> {"seed_means": {seed: mean over its cases}, "cases": {case: mean over
+  the seeds that scored it}}."""
+  values = {}  # region -> subset -> seed -> case -> value
+  for seed, rows in rows_by_seed.items():
+    for row in rows:
+      values.setdefault(row["region"], {}).setdefault(row["subset"], {}).setdefault(
+          seed, {})[str(row["case_id"])] = row[metric]
+  cells = {}
+  for region, by_subset in values.items():
+    for subset, by_seed in by_subset.items():
+      per_case = {}
+      for seed_values in by_seed.values():
+        for case, value in seed_values.items():
+          per_case.setdefault(case, []).append(value)
+      cells.setdefault(region, {})[subset] = {
+          "seed_means": {str(s): float(np.mean(list(v.values()))) for s, v in by_seed.items()},
+          "cases": {c: float(np.mean(v)) for c, v in per_case.items()}}
+  return cells
+
+
+def group_results(runs_rows: dict, modalities, regions, metrics, reference: str) -> dict:
+  """Tables, paired tests, wins and Dice by number of present modalities for one group.
+
+  `runs_rows`: run name -> seed -> cases.csv rows (metrics as floats), runs in display order.
+  """
+  runs = list(runs_rows)
+  order = _subset_order(modalities)
+  cells = {run: {m: run_cells(by_seed, m) for m in metrics} for run, by_seed in runs_rows.items()}
+  tables, tests, wins = {}, {}, {}
+  for metric in metrics:
+    tables[metric], tests[metric] = {}, {}
+    wins[metric] = {run: {r: 0 for r in regions} for run in runs}
+    for region in regions:
+      present = {s for run in runs for s in cells[run][metric].get(region, {})}
+      subsets = [s for s in order if s in present]
+      table, keys, pvalues = {}, [], []
+      for subset in subsets:
+        row = {}
+        for run in runs:
+          cell = cells[run][metric].get(region, {}).get(subset)
+          if cell is None:
+            continue
+          mean, sd = _mean_sd(list(cell["seed_means"].values()))
+          row[run] = {"mean": mean, "sd": sd, "n_seeds": len(cell["seed_means"]),
+                      "n_cases": len(cell["cases"]), "seed_means": cell["seed_means"]}
+        table[subset] = row
+        reference_cell = cells[reference][metric].get(region, {}).get(subset)
+        for run in runs:
+          cell = cells[run][metric].get(region, {}).get(subset)
+          if run == reference or cell is None or reference_cell is None:
+            continue
+          keys.append((subset, run))
+          test = statistics.paired_comparison(cell["cases"], reference_cell["cases"])
+          pvalues.append(test["p"])
+          tests[metric].setdefault(region, {}).setdefault(subset, {})[run] = test
+        if subset != AS_ACQUIRED and row:  # the as-acquired row is not a subset: no win
+          better = max if HIGHER_IS_BETTER[metric] else min
+          best = better(entry["mean"] for entry in row.values())
+          for run, entry in row.items():
+            wins[metric][run][region] += entry["mean"] == best
+      for (subset, run), adjusted in zip(keys, statistics.holm(pvalues)):
+        tests[metric][region][subset][run]["p_holm"] = adjusted
+      tables[metric][region] = table
+  return {"runs": runs, "reference": reference, "modalities": list(modalities),
+          "regions": list(regions), "metrics": list(metrics), "tables": tables, "tests": tests,
+          "wins": wins, "by_present": _by_present(cells, runs, regions, modalities)}
+
+
+def _by_present(cells, runs, regions, modalities) -> dict:
+  """Dice by number of present modalities: per seed the mean over the subsets with k present,
+  then mean and sd over seeds. region -> run -> {k: {"mean", "sd"}}."""
+  out = {}
+  for region in regions:
+    for run in runs:
+      by_k = {}
+      for subset, cell in cells[run]["dice"].get(region, {}).items():
+        if subset == AS_ACQUIRED:
+          continue
+        k = len(subset.split("+"))
+        for seed, value in cell["seed_means"].items():
+          by_k.setdefault(k, {}).setdefault(seed, []).append(value)
+      out.setdefault(region, {})[run] = {
+          k: dict(zip(("mean", "sd"), _mean_sd([np.mean(v) for v in by_k[k].values()])))
+          for k in sorted(by_k)}
+  return out
+
+
+def claim_means(group: dict) -> dict:
+  """run -> metric -> region -> subset -> mean over seeds (the subsets only), for claims."""
+  means = {}
+  for metric, by_region in group["tables"].items():
+    for region, table in by_region.items():
+      for subset, row in table.items():
+        if subset == AS_ACQUIRED:
+          continue
+        for run, entry in row.items():
+          means.setdefault(run, {}).setdefault(metric, {}).setdefault(region, {})[subset] = \
+              entry["mean"]
+  return means
+
+
+def check_claims(study: Study, groups: dict) -> list[dict]:
+  """Every claim of the study against the group (of its evaluation) that holds all its runs."""
+  out = []
+  default_evaluation = study.evaluations[0].name
+  for claim in study.claims:
+    evaluation = claim.get("evaluation", default_evaluation)
+    needed = claims_lib.runs_needed(claim)
+    candidates = [g for g in groups.values() if g["evaluation"] == evaluation]
+    group = next((g for g in candidates if set(needed) <= set(g["runs"])), None)
+    if group is not None:
+      result = claims_lib.check(claim, claim_means(group))
+    else:
+      result = claims_lib.check(claim, {})  # for its text
+      absent = [r for r in needed if not any(r in g["runs"] for g in candidates)]
+      result.update(holds=None, status=claims_lib.NOT_RUN, detail=(
+          f"not run or not finished: {', '.join(absent)}" if absent
+          else f"{', '.join(needed)} were not evaluated on the same data"))
+    result["evaluation"] = evaluation
+    out.append(result)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The study: run, collect, render
+
+
+def run_study(study: Study, workdir, *, train=True, progress=False, command=None, log=print):
+  """Finishes every run x seed (unless `train` is False), then renders the report; returns its
+  folder."""
+  workdir = pathlib.Path(workdir)
+  if train:
+    for run in study.runs:
+      for seed in run.seeds:
+        ensure_finished(study, run, seed, workdir, progress=progress, log=log)
+  return render_report(study, workdir, command=command)
+
+
+def collect(study: Study, workdir) -> tuple[dict, list, dict]:
+  """(groups, unfinished "run seed k" list, markers) from the markers and cases.csv files."""
+  workdir = pathlib.Path(workdir)
+  groups, unfinished, markers = {}, [], {}
+  for run in study.runs:
+    for seed in run.seeds:
+      folder = run_dir(workdir, run.name, seed)
+      marker = read_marker(folder)
+      wanted = [e.name for e in evaluations_of(study, run)]
+      done = marker.get("evaluations", {})
+      if not marker.get("trained") or any(name not in done for name in wanted):
+        unfinished.append(f"{run.name} seed {seed}")
+      if marker:
+        markers[(run.name, seed)] = marker
+      for name in wanted:
+        if name not in done or done[name]["spec"]["step"] != study.step:
+          continue
+        entry = done[name]
+        key = f"{name}|{entry['spec']['data']}|{entry['spec']['split']}"
+        group = groups.setdefault(key, {
+            "evaluation": name, "data": entry["spec"]["data"], "split": entry["spec"]["split"],
+            "modalities": entry["modalities"], "regions": entry["regions"], "rows": {}})
+        if entry["modalities"] != group["modalities"] or entry["regions"] != group["regions"]:
+          raise ValueError(f"{folder}: evaluation {name!r} has other modalities or regions than "
+                           f"the other runs on {group['data']}")
+        group["rows"].setdefault(run.name, {})[seed] = read_cases(folder / entry["cases"],
+                                                                  study.metrics)
+  return groups, unfinished, markers
+
+
+def build_results(study: Study, workdir, *, command=None) -> dict:
+  """Everything the report shows, as JSON-ready data."""
+  groups_in, unfinished, markers = collect(study, workdir)
+  groups = {}
+  for key, g in groups_in.items():
+    reference = next((r for r in study.references if r in g["rows"]), next(iter(g["rows"])))
+    result = group_results(g["rows"], g["modalities"], g["regions"], study.metrics, reference)
+    result.update({k: g[k] for k in ("evaluation", "data", "split")})
+    result["cases"] = sorted({str(row["case_id"]) for by_seed in g["rows"].values()
+                              for rows in by_seed.values() for row in rows})
+    groups[key] = result
+  runs = []
+  for run in study.runs:
+    seeds = {}
+    for seed in run.seeds:
+      marker = markers.get((run.name, seed))
+      if marker:
+        seeds[str(seed)] = {k: marker.get(k) for k in (
+            "trained", "train_wall_s", "train_attempts", "trained_at", "commit")}
+        seeds[str(seed)]["evaluations"] = marker.get("evaluations", {})
+    runs.append({"name": run.name, "config": run.config, "preset": run.preset,
+                 "overrides": run.overrides, "seeds": list(run.seeds), "finished": seeds})
+  conventions = next((e.get("metric_conventions") for m in markers.values()
+                      for e in m.get("evaluations", {}).values() if e.get("metric_conventions")),
+                     None)
+  return {"title": study.title, "command": command, "rendered_at": _now(), "commit": git_commit(),
+          "checkpoint_policy": study.step, "metrics": list(study.metrics),
+          "overrides": study.overrides, "metric_conventions": conventions, "runs": runs,
+          "unfinished": unfinished, "groups": groups, "claims": check_claims(study, groups)}
+
+
+@contextlib.contextmanager
+def _replacing_directory(path: pathlib.Path):
+  """A new folder beside `path` that replaces it when the block succeeds (old moved aside, new
+  renamed in, old deleted); deleted on failure."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new."))
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the usual permissions
+  try:
+    yield tmp
+    if path.exists():
+      old = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
+      os.replace(path, old / path.name)
+      os.replace(tmp, path)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def render_report(study: Study, workdir, *, command=None) -> pathlib.Path:
+  """Writes WORKDIR/report (report.md, report.json, PNGs, extra/) from the finished runs."""
+  workdir = pathlib.Path(workdir)
+  results = build_results(study, workdir, command=command)
+  report = workdir / REPORT
+  with _replacing_directory(report) as tmp:
+    plots = {}
+    for i, (key, group) in enumerate(results["groups"].items()):
+      name = f"dice_by_present_{i}_{group['evaluation']}.png"
+      plot_by_present(tmp / name, group, title=_group_title(group))
+      plots[key] = name
+    extras = _copy_extra_reports(results, workdir, tmp)
+    # Not sorted: subsets and runs keep their table order.
+    atomic.write_text(tmp / "report.json", json.dumps(
+        dict(results, plots=plots, extra_reports=extras), indent=2, ensure_ascii=False) + "\n")
+    atomic.write_text(tmp / "report.md", report_markdown(results, plots, extras))
+  atomic.write_json(workdir / "study_config.json", dataclasses.asdict(study))
+  return report
+
+
+def read_claims(report) -> list[dict]:
+  """The claims of a rendered report (report.json)."""
+  return json.loads((pathlib.Path(report) / "report.json").read_text())["claims"]
+
+
+def _copy_extra_reports(results, workdir, tmp) -> list[dict]:
+  """The runs' own reports (synthesis PSNR, classifier accuracy) copied under extra/."""
+  out = []
+  for run in results["runs"]:
+    for seed, info in run["finished"].items():
+      for name, evaluation in info["evaluations"].items():
+        for relative in evaluation.get("reports", ()):
+          source = run_dir(workdir, run["name"], int(seed)) / relative
+          if not source.is_file():
+            continue
+          target = pathlib.Path("extra") / run["name"] / f"seed{seed}" / name / source.name
+          (tmp / target).parent.mkdir(parents=True, exist_ok=True)
+          shutil.copyfile(source, tmp / target)
+          out.append({"run": run["name"], "seed": int(seed), "evaluation": name,
+                      "path": str(target)})
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _group_title(group) -> str:
+  return f"{group['evaluation']}: {pathlib.Path(group['data']).name} ({group['split']})"
+
+
+def _fmt(value, metric, sd=None) -> str:
+  if value is None:
+    return "–"
+  digits = DECIMALS.get(metric, 2)
+  return f"{value:.{digits}f}" + ("" if sd is None else f" ± {sd:.{digits}f}")
+
+
+def _row(cells) -> str:
+  return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _duration(seconds) -> str:
+  if seconds is None:
+    return "–"
+  return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def _subset_cells(subset, modalities) -> list[str]:
+  if subset == AS_ACQUIRED:
+    return ["as acquired"] + [""] * (len(modalities) - 1)
+  return list(subset_symbol(subset, modalities))
+
+
+def report_markdown(results, plots=None, extras=()) -> str:
+  plots = plots or {}
+  lines = [f"# {results['title']}", ""]
+  if results.get("command"):
+    lines += ["```bash", results["command"], "```", ""]
+  lines += [f"Rendered {results['rendered_at']} at commit {results['commit'] or 'unknown'}. "
+            f"Every run is evaluated at its `{results['checkpoint_policy']}` checkpoint. "
+            "Each table cell: the mean over seeds of each seed's mean over cases ± the sample sd "
+            "over seeds (none with one seed); bold: the best mean of the row.", ""]
+  if results.get("metric_conventions"):
+    lines += ["Metric conventions: " + "; ".join(
+        f"{k}: {v}" for k, v in sorted(results["metric_conventions"].items())) + ".", ""]
+  if results["unfinished"]:
+    lines += [f"**Not finished** (left out of every table): {', '.join(results['unfinished'])}.",
+              ""]
+  lines += _claims_section(results["claims"]) + _runs_section(results)
+  for key, group in results["groups"].items():
+    lines += _group_section(group, plots.get(key))
+  if extras:
+    lines += ["## The runs' own reports", ""]
+    lines += [f"- {e['run']} seed {e['seed']} ({e['evaluation']}): [{pathlib.Path(e['path']).name}]"
+              f"({e['path']})" for e in extras]
+    lines.append("")
+  return "\n".join(lines)
+
+
+def _claims_section(claims) -> list[str]:
+  if not claims:
+    return []
+  lines = ["## Claims", "", "Each claim is computed from the tables below (per subset, the mean "
+           "over seeds; the as-acquired row is not a subset).", "",
+           _row(["claim", "result", "numbers"]), _row([":-", ":-", ":-"])]
+  for claim in claims:
+    status = {"holds": "**holds**", "does not hold": "**does not hold**"}.get(
+        claim["status"], claim["status"])
+    lines.append(_row([claim["text"], status, claim["detail"]]))
+  return lines + [""]
+
+
+def _runs_section(results) -> list[str]:
+  lines = ["## Runs", "", "Training wall time: per seed, summed over attempts (an interrupted "
+           "attempt counts; includes data loading and compilation). Evaluated checkpoint step per "
+           "seed.", "", _row(["run", "config", "overrides", "seeds finished", "training wall time",
+                              "evaluation wall time", "checkpoint steps"]),
+           _row([":-"] * 3 + ["-:"] * 4)]
+  for run in results["runs"]:
+    done = {s: i for s, i in run["finished"].items() if i.get("trained")}
+    overrides = ", ".join(f"`{k}={v!r}`" for k, v in run["overrides"].items()) or "–"
+    lines.append(_row([
+        run["name"], f"`{run['config']}:{run['preset']}`", overrides,
+        f"{len(done)} of {len(run['seeds'])}",
+        ", ".join(_duration(i["train_wall_s"]) for i in done.values()) or "–",
+        ", ".join(_duration(sum(e["wall_s"] for e in i["evaluations"].values()))
+                  for i in done.values()) or "–",
+        ", ".join(str(e.get("step")) for i in done.values() for e in i["evaluations"].values())
+        or "–"]))
+  return lines + [""]
+
+
+def _group_section(group, plot) -> list[str]:
+  runs, modalities, reference = group["runs"], group["modalities"], group["reference"]
+  names = [display_name(m) for m in modalities]
+  lines = [f"## {_group_title(group)}", "",
+           f"Data `{group['data']}`, split `{group['split']}`: {len(group['cases'])} case(s); "
+           f"runs {', '.join(runs)}; reference **{reference}**.", ""]
+  if plot:
+    lines += [f"![Dice by number of present modalities]({plot})", ""]
+  others = [r for r in runs if r != reference]
+  for metric in group["metrics"]:
+    for region in group["regions"]:
+      table = group["tables"][metric].get(region, {})
+      if not table:
+        continue
+      lines += [f"### {METRIC_DISPLAY.get(metric, metric)}: {region}", "",
+                _row(names + ["n"] + runs), _row([":-:"] * len(names) + ["-:"] * (1 + len(runs)))]
+      better = max if HIGHER_IS_BETTER[metric] else min
+      for subset, row in table.items():
+        best = better(e["mean"] for e in row.values()) if row else None
+        cells = [("**{}**" if e["mean"] == best else "{}").format(_fmt(e["mean"], metric, e["sd"]))
+                 if (e := row.get(run)) else "–" for run in runs]
+        n = max((e["n_cases"] for e in row.values()), default=0)
+        lines.append(_row(_subset_cells(subset, modalities) + [n] + cells))
+      lines.append("")
+      tests = group["tests"][metric].get(region, {})
+      if others and tests:
+        count = sum(len(v) for v in tests.values())
+        lines += [f"Paired Wilcoxon against {reference} over the cases both were scored on "
+                  f"(seed-averaged per case), Holm-corrected over the {count} tests of this "
+                  f"table: p (* below {SIGNIFICANCE}), and the matched-pairs rank-biserial r "
+                  f"(run - {reference}: + means higher values).", "",
+                  _row(names + others), _row([":-:"] * len(names) + ["-:"] * len(others))]
+        for subset in table:
+          cells = []
+          for run in others:
+            test = tests.get(subset, {}).get(run)
+            if test is None or test["p"] is None:
+              cells.append("–")
+              continue
+            star = "*" if test["p_holm"] < SIGNIFICANCE else ""
+            cells.append(f"p={test['p_holm']:.3g}{star} r={test['effect']:+.2f} (n={test['n']})")
+          lines.append(_row(_subset_cells(subset, modalities) + cells))
+        lines.append("")
+  for metric in group["metrics"]:
+    regions = group["regions"]
+    n_cells = sum(len([s for s in group["tables"][metric].get(r, {}) if s != AS_ACQUIRED])
+                  for r in regions)
+    lines += [f"### Wins, {METRIC_DISPLAY.get(metric, metric)}", "",
+              f"Subset x region cells where a run has the best mean (ties: each), of {n_cells}.",
+              "",
+              _row(["run"] + regions + ["total"]), _row([":-"] + ["-:"] * (len(regions) + 1))]
+    for run in runs:
+      counts = group["wins"][metric][run]
+      lines.append(_row([run] + [counts[r] for r in regions] + [f"**{sum(counts.values())}**"]))
+    lines.append("")
+  return lines
+
+
+def plot_by_present(path, group, title=""):
+  """Dice against the number of present modalities, one subplot per region, one line per run
+  (band: ± sd over seeds)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  regions = group["regions"]
+  fig, axes = plt.subplots(1, len(regions), figsize=(4 * len(regions), 3.6), squeeze=False)
+  for ax, region in zip(axes[0], regions):
+    for run in group["runs"]:
+      points = group["by_present"][region].get(run, {})
+      if not points:
+        continue
+      ks = sorted(points)
+      mean = np.array([points[k]["mean"] for k in ks])
+      sd = np.array([points[k]["sd"] or 0.0 for k in ks])
+      line, = ax.plot(ks, mean, marker="o", label=run)
+      ax.fill_between(ks, mean - sd, mean + sd, color=line.get_color(), alpha=0.15)
+    ax.set(title=region, xlabel="present modalities", ylabel="Dice", ylim=(0, 1),
+           xticks=range(1, len(group["modalities"]) + 1))
+    ax.grid(alpha=0.3)
+  axes[0][-1].legend(fontsize=8, loc="lower right")
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

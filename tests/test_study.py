@@ -1,0 +1,406 @@
+"""The study: paired statistics, claims as computed checks, resuming/skipping runs, the report."""
+import csv
+import itertools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+import model_helpers
+from configs import study as study_config
+from hemijax.evaluation import claims, statistics, study
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TUMOUR = ("flair", "t1", "t1ce", "t2")
+SUBSETS = ["+".join(s) for k in range(1, 5) for s in itertools.combinations(TUMOUR, k)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def test_holm_against_a_hand_computed_example():
+  # Sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, 0.04*1 = 0.04 -> max so far 0.06.
+  assert statistics.holm([0.01, 0.04, 0.03, None, 0.005]) == pytest.approx(
+      [0.03, 0.06, 0.06, None, 0.02])
+  assert statistics.holm([0.5, 0.6]) == [1.0, 1.0]  # 2 * 0.5 capped at 1, then monotone
+  assert statistics.holm([]) == []
+
+
+def test_rank_biserial_on_known_examples():
+  # |d| ranks 1, 2, 3, 4; positive ranks 1 + 2 + 4 = 7, negative 3: r = (7 - 3) / 10.
+  assert statistics.rank_biserial([1, 2, -3, 4], [0, 0, 0, 0]) == pytest.approx(0.4)
+  assert statistics.rank_biserial([0.9, 0.8], [0.1, 0.2]) == 1.0
+  assert statistics.rank_biserial([0.1, 0.2], [0.9, 0.8]) == -1.0
+  # Zeros dropped; the two remaining differences tie (mid-ranks 1.5) and cancel.
+  assert statistics.rank_biserial([0.5, 0.6, 0.4], [0.5, 0.5, 0.5]) == pytest.approx(0.0)
+  assert statistics.rank_biserial([0.5], [0.5]) == 0.0
+  assert statistics.rank_biserial([], []) is None
+
+
+def test_exact_signed_rank_pvalue_equals_scipys_permutation_test():
+  rng = np.random.default_rng(3)
+  for n in (5, 7, 8):
+    x, y = np.round(rng.random(n), 1), np.round(rng.random(n), 1)
+    x[0] = y[0]  # a zero difference, and rounding makes ties: scipy permutes exhaustively
+    assert statistics.wilcoxon_pvalue(x, y) == pytest.approx(stats.wilcoxon(x, y).pvalue)
+  no_ties = np.array([0.11, -0.32, 0.53, 0.24, 0.45, 0.76])
+  assert statistics.exact_signed_rank_pvalue(no_ties) == pytest.approx(
+      stats.wilcoxon(no_ties, method="exact").pvalue)
+  assert statistics.wilcoxon_pvalue([0.3, 0.4], [0.3, 0.4]) == 1.0
+  assert statistics.wilcoxon_pvalue([], []) is None
+
+
+def test_wilcoxon_pairs_only_the_cases_both_were_scored_on():
+  values = {"a": 0.9, "b": 0.8, "c": 0.7, "d": 0.65, "e": 0.6, "only_here": 0.0}
+  reference = {"a": 0.5, "b": 0.55, "c": 0.4, "d": 0.7, "e": 0.2, "only_there": 1.0}
+  result = statistics.paired_comparison(values, reference)
+  common = ["a", "b", "c", "d", "e"]
+  x, y = [values[c] for c in common], [reference[c] for c in common]
+  assert result["n"] == 5
+  assert result["p"] == pytest.approx(stats.wilcoxon(x, y).pvalue)
+  assert result["effect"] == pytest.approx(statistics.rank_biserial(x, y))
+  assert result["mean_difference"] == pytest.approx(np.mean(np.subtract(x, y)))
+  # A case only one side has changes nothing.
+  assert statistics.paired_comparison(dict(values, only_here=1.0), reference) == result
+  assert statistics.paired_comparison({"x": 1.0}, {"y": 1.0})["p"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Claims on hand-made result tables
+
+
+def _means(**runs):
+  """run -> {region: {subset: value}} (Dice) into the claims' means layout."""
+  return {run: {"dice": regions} for run, regions in runs.items()}
+
+
+def _wt(values):
+  return {"WT": dict(zip(SUBSETS, values))}
+
+
+def test_beats_in_subsets_holds_does_not_hold_and_not_run():
+  claim = dict(kind="beats_in_subsets", run="hemis", baseline="unet", region="WT", min_subsets=10)
+  unet = _wt([0.5] * 15)
+  holds = claims.check(claim, _means(hemis=_wt([0.6] * 11 + [0.4] * 4), unet=unet))
+  assert (holds["status"], holds["holds"]) == ("holds", True)
+  assert "11 of 15" in holds["detail"]
+  fails = claims.check(claim, _means(hemis=_wt([0.6] * 9 + [0.4] * 6), unet=unet))
+  assert (fails["status"], fails["holds"]) == ("does not hold", False)
+  assert "9 of 15" in fails["detail"]
+  not_run = claims.check(claim, _means(hemis=_wt([0.6] * 15)))
+  assert (not_run["status"], not_run["holds"]) == ("not run", None)
+  assert "unet" in not_run["detail"]
+  # Ties: not "beats", but "at least as good" (strict=False).
+  tied = _means(hemis=_wt([0.5] * 15), unet=unet)
+  assert claims.check(dict(claim, min_subsets=1), tied)["holds"] is False
+  assert claims.check(dict(claim, min_subsets=15, strict=False), tied)["holds"] is True
+  # Distances: lower is better.
+  hd = {"hemis": {"hd95": _wt([5.0] * 15)}, "unet": {"hd95": _wt([9.0] * 15)}}
+  assert claims.check(dict(claim, metric="hd95"), hd)["holds"] is True
+  # Every listed region must satisfy it; a region a run lacks -> not run.
+  two = dict(claim, region=("WT", "TC"))
+  assert claims.check(two, _means(hemis=_wt([0.6] * 15), unet=unet))["status"] == "not run"
+
+
+def test_better_on_average_over_the_subsets_without_flair():
+  claim = dict(kind="better_on_average", run="unet_dropout", baseline="unet", region="WT",
+               missing=("flair",))
+  without_flair = [s for s in SUBSETS if "flair" not in s.split("+")]
+  assert len(without_flair) == 7
+  unet = {"WT": {s: (0.8 if "flair" in s.split("+") else 0.1) for s in SUBSETS}}
+  # Dropout loses on the FLAIR subsets but wins without FLAIR: holds (only those are counted).
+  dropout = {"WT": {s: (0.5 if "flair" in s.split("+") else 0.3) for s in SUBSETS}}
+  result = claims.check(claim, _means(unet_dropout=dropout, unet=unet))
+  assert result["holds"] is True and "7 subsets" in result["detail"]
+  assert claims.check(dict(claim, missing=()), _means(unet_dropout=dropout, unet=unet))[
+      "holds"] is False
+  assert claims.check(dict(claim, margin=0.25), _means(unet_dropout=dropout, unet=unet))[
+      "holds"] is False
+
+
+def test_within_points():
+  claim = dict(kind="within_points", run="joint", baseline="tissue_only", region="WT", points=2)
+  base = _wt([0.815] * 15)
+  assert claims.check(claim, _means(joint=_wt([0.80] * 15), tissue_only=base))["holds"] is True
+  assert claims.check(claim, _means(joint=_wt([0.79] * 15), tissue_only=base))["holds"] is False
+  better = _means(joint=_wt([0.90] * 15), tissue_only=base)
+  assert claims.check(claim, better)["holds"] is True
+  assert claims.check(dict(claim, two_sided=True), better)["holds"] is False
+  several = dict(claim, baseline=["tissue_only", "lesion_only"])
+  means = _means(joint=_wt([0.80] * 15), tissue_only=base, lesion_only=_wt([0.9] * 15))
+  assert claims.check(several, means)["holds"] is False
+
+
+def test_claim_config_errors_name_the_entry():
+  with pytest.raises(ValueError, match=r"claims\[0\]: unknown kind"):
+    claims.validate([dict(kind="beats_everything")])
+  with pytest.raises(ValueError, match=r"claims\[1\].*missing \['min_subsets'\]"):
+    claims.validate([dict(kind="better_on_average", run="a", baseline="b", region="WT"),
+                     dict(kind="beats_in_subsets", run="a", baseline="b", region="WT")])
+  with pytest.raises(ValueError, match="within_points needs a metric"):
+    claims.validate([dict(kind="within_points", run="a", baseline="b", region="WT", points=2,
+                          metric="hd95")])
+
+
+# ---------------------------------------------------------------------------------------------
+# Results from rows
+
+
+def _rows(case_values: dict, region="WT", subsets=SUBSETS, offset=0.0):
+  return [{"case_id": case, "subset": s, "region": region, "dice": v + offset,
+           "hd95": 10 - v, "assd": 5 - v} for case, v in case_values.items() for s in subsets]
+
+
+def test_group_results_means_over_seeds_paired_tests_and_wins():
+  runs_rows = {
+      "hemis": {0: _rows({"a": 0.8, "b": 0.6}), 1: _rows({"a": 0.7, "b": 0.5})},
+      "unet": {0: _rows({"a": 0.5, "b": 0.4}), 1: _rows({"a": 0.5, "c": 0.1})},
+  }
+  group = study.group_results(runs_rows, TUMOUR, ("WT",), ("dice", "hd95", "assd"), "hemis")
+  cell = group["tables"]["dice"]["WT"]["flair"]["hemis"]
+  # Seed means 0.7 and 0.6: mean 0.65, sample sd sqrt(0.005).
+  assert cell["mean"] == pytest.approx(0.65) and cell["sd"] == pytest.approx(np.sqrt(0.005))
+  assert (cell["n_seeds"], cell["n_cases"]) == (2, 2)
+  unet = group["tables"]["dice"]["WT"]["flair"]["unet"]
+  assert unet["mean"] == pytest.approx(np.mean([0.45, 0.3])) and unet["n_cases"] == 3
+  test = group["tests"]["dice"]["WT"]["flair"]["unet"]
+  # Seed-averaged cases in common: a (0.5 vs 0.75), b (0.4 vs 0.55); c only for unet.
+  assert test["n"] == 2 and test["mean_difference"] == pytest.approx(-0.2)
+  assert test["effect"] == -1.0
+  # Holm over the 15 tests of the table: each p is multiplied by up to 15, capped at 1.
+  pvalues = [group["tests"]["dice"]["WT"][s]["unet"]["p"] for s in SUBSETS]
+  adjusted = [group["tests"]["dice"]["WT"][s]["unet"]["p_holm"] for s in SUBSETS]
+  assert adjusted == pytest.approx(statistics.holm(pvalues))
+  assert group["wins"]["dice"]["hemis"]["WT"] == 15 and group["wins"]["dice"]["unet"]["WT"] == 0
+  assert group["wins"]["hd95"]["hemis"]["WT"] == 15  # lower is better
+  assert group["by_present"]["WT"]["hemis"][1]["mean"] == pytest.approx(0.65)
+  means = study.claim_means(group)
+  assert means["unet"]["dice"]["WT"]["flair"] == pytest.approx(unet["mean"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The study config
+
+
+def test_study_presets_parse_and_their_run_configs_load():
+  for preset in study_config.PRESETS:
+    spec = study.parse_study(study_config.get_config(preset), f"configs/study.py:{preset}")
+    for run in spec.runs:
+      config = study.method_config(spec, run, run.seeds[-1])
+      assert config.seed == run.seeds[-1]
+  demo = study.parse_study(study_config.get_config("demo"))
+  assert min(len(demo.run(n).seeds) for n in ("hemis", "unet", "unet_dropout", "mlp_impute", "urn",
+                                              "urn_pooled")) >= 3
+  assert study.method_config(demo, demo.run("joint_tissue_only"), 0).variant == "tissue_only"
+
+
+def test_study_config_errors_name_the_field():
+  config = study_config.get_config("smoke")
+  config.runs = [dict(name="hemis", config="configs/hemis.py", preset="smoke",
+                      overrides={"model.no_such_field": 1})]
+  spec = study.parse_study(config, "s.py")
+  with pytest.raises(ValueError, match=r"s.py: run 'hemis': override 'model.no_such_field'"):
+    study.method_config(spec, spec.runs[0], 0)
+  config.runs = [dict(name="a", config="configs/hemis.py")] * 2
+  with pytest.raises(ValueError, match="distinct names"):
+    study.parse_study(config, "s.py")
+  config.runs = [dict(name="../a", config="configs/hemis.py")]
+  with pytest.raises(ValueError, match="folder name"):
+    study.parse_study(config, "s.py")
+  config.runs = [dict(name="hemis", config="configs/no_such.py")]
+  spec = study.parse_study(config, "s.py")
+  with pytest.raises(ValueError, match="s.py: run 'hemis': config file configs/no_such.py not"):
+    study.method_config(spec, spec.runs[0], 0)
+  config.reference = ("nobody",)
+  with pytest.raises(ValueError, match="reference: none of"):
+    study.parse_study(config, "s.py")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming and skipping, with stand-ins for training and evaluation (fast)
+
+
+class Interrupted(Exception):
+  pass
+
+
+def _fake_study(tmp_path, seeds=(0,)):
+  config = study_config.get_config("smoke")
+  config.seeds = seeds
+  data = tmp_path / "data"
+  data.mkdir(exist_ok=True)
+  config.evaluations = [dict(name="test", split="test", data=str(data))]
+  return study.parse_study(config, "fake")
+
+
+def _install_fakes(monkeypatch, calls, fail_first_train=False):
+  from hemijax.evaluation import evaluate
+  from hemijax.training import loop
+
+  interrupt = [True] if fail_first_train else []
+
+  def train(config, workdir, progress=False):
+    calls.append(("train", pathlib.Path(workdir).parent.name, config.seed))
+    if interrupt:
+      interrupt.pop()
+      raise Interrupted  # as a kill or Ctrl-C would
+    (pathlib.Path(workdir) / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+  def evaluate_workdir(workdir, *, data, split, out, step, progress=False):
+    run = pathlib.Path(workdir).parent.name
+    calls.append(("evaluate", run))
+    quality = {"hemis": 0.7, "unet": 0.5}[run]
+    rows = _rows({"a": quality, "b": quality - 0.1})
+    pathlib.Path(out).mkdir(parents=True, exist_ok=True)
+    with open(pathlib.Path(out) / "cases.csv", "w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+      writer.writeheader()
+      writer.writerows(rows)
+    (pathlib.Path(out) / "synthesis.md").write_text("# PSNR\n")
+    return {"modalities": list(TUMOUR), "regions": ["WT"], "step": 3, "method": run,
+            "reports": [str(pathlib.Path(out) / name) for name in ("summary.md", "synthesis.md")],
+            "synthesis": {"psnr": 20.0}}
+
+  monkeypatch.setattr(loop, "train", train)
+  monkeypatch.setattr(evaluate, "evaluate_workdir", evaluate_workdir)
+
+
+def test_interrupted_runs_resume_finished_ones_are_skipped(tmp_path, monkeypatch):
+  spec, workdir, calls = _fake_study(tmp_path), tmp_path / "study", []
+  _install_fakes(monkeypatch, calls, fail_first_train=True)
+  with pytest.raises(Interrupted):
+    study.run_study(spec, workdir, log=lambda _: None)
+  marker = study.read_marker(study.run_dir(workdir, "hemis", 0))
+  assert (marker["trained"], marker["train_attempts"]) == (False, 1)
+  assert not (workdir / "report").exists()
+
+  study.run_study(spec, workdir, log=lambda _: None)
+  assert calls[1:] == [("train", "hemis", 0), ("evaluate", "hemis"), ("train", "unet", 0),
+                       ("evaluate", "unet")]
+  marker = study.read_marker(study.run_dir(workdir, "hemis", 0))
+  assert (marker["trained"], marker["train_attempts"]) == (True, 2)
+  assert marker["evaluations"]["test"]["extras"] == {"synthesis": {"psnr": 20.0}}
+
+  calls.clear()
+  (workdir / "report" / "sentinel").write_text("")
+  report = study.run_study(spec, workdir, log=lambda _: None)
+  assert calls == []  # nothing retrained or re-evaluated
+  assert not (report / "sentinel").exists()  # the report folder was replaced
+  results = json.loads((report / "report.json").read_text())
+  assert results["claims"][0]["status"] == "holds"  # hemis 0.7/0.6 vs unet 0.5/0.4 on WT
+  assert "15 of 15" in results["claims"][0]["detail"]
+  assert {c["status"] for c in results["claims"][1:]} == {"not run"}
+  assert results["claims"][1]["detail"] == "not run or not finished: unet_dropout"
+  assert (report / "extra" / "hemis" / "seed0" / "test" / "synthesis.md").is_file()
+  text = (report / "report.md").read_text()
+  assert "| HeMIS beats mean-filling" in text and "**holds**" in text
+  assert "(extra/hemis/seed0/test/synthesis.md)" in text
+  for heading in ("### Dice: WT", "### HD95 (mm): WT", "### ASSD (mm): WT", "### Wins, Dice"):
+    assert heading in text
+  assert "Paired Wilcoxon against hemis" in text and "Holm-corrected over the 15 tests" in text
+
+  # A changed run config (here: the study-wide overrides) trains on and re-evaluates that run.
+  config = study_config.get_config("smoke")
+  config.seeds, config.evaluations = (0,), [dict(name="test", data=str(tmp_path / "data"))]
+  config.overrides.train.num_steps = 4
+  calls.clear()
+  study.run_study(study.parse_study(config, "fake"), workdir, log=lambda _: None)
+  assert calls == [("train", "hemis", 0), ("evaluate", "hemis"), ("train", "unet", 0),
+                   ("evaluate", "unet")]
+
+
+def test_claims_need_their_runs_on_the_same_data():
+  spec = study.parse_study(dict(
+      runs=[dict(name="hemis", config="configs/hemis.py"), dict(name="unet", config="c.py")],
+      claims=[dict(kind="beats_in_subsets", run="hemis", baseline="unet", region="WT",
+                   min_subsets=1)]))
+  group = study.group_results({"hemis": {0: _rows({"a": 0.8})}}, TUMOUR, ("WT",), ("dice",),
+                              "hemis")
+  other = study.group_results({"unet": {0: _rows({"a": 0.1})}}, TUMOUR, ("WT",), ("dice",), "unet")
+  groups = {"x": dict(group, evaluation="test"), "y": dict(other, evaluation="test")}
+  [result] = study.check_claims(spec, groups)
+  assert result["status"] == "not run" and "not evaluated on the same data" in result["detail"]
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: real training and evaluation at smoke size
+
+
+def _smoke_config(seeds):
+  config = study_config.get_config("smoke")
+  config.seeds = seeds
+  config.overrides.train.num_steps = 2
+  config.overrides.data = dict(cache_dir=str(model_helpers.PHANTOM_CACHE))
+  config.overrides.model = dict(conv_impl="xla")  # compiles fastest (see model_helpers)
+  return config
+
+
+def _mtimes(workdir, pattern):
+  return {p: p.stat().st_mtime_ns for p in pathlib.Path(workdir).glob(pattern) if p.is_file()}
+
+
+@pytest.mark.parametrize("seeds", [(0,), pytest.param((0, 1), marks=pytest.mark.slow)])
+def test_smoke_study_end_to_end_resumes_and_rerenders(tmp_path, seeds):
+  spec, workdir = study.parse_study(_smoke_config(seeds), "smoke"), tmp_path / "study"
+  report = study.run_study(spec, workdir, log=lambda _: None)
+  for run, seed in itertools.product(("hemis", "unet"), seeds):
+    marker = study.read_marker(study.run_dir(workdir, run, seed))
+    assert marker["trained"] and marker["evaluations"]["test"]["step"] == 2
+  results = json.loads((report / "report.json").read_text())
+  [group] = results["groups"].values()
+  assert group["runs"] == ["hemis", "unet"] and group["reference"] == "hemis"
+  assert list(group["tables"]["dice"]["WT"])[:15] == SUBSETS
+  # A table cell is the mean over seeds of the per-seed mean over cases in cases.csv.
+  seed_means = []
+  for seed in seeds:
+    rows = study.read_cases(study.run_dir(workdir, "unet", seed) / "study_eval/test/cases.csv",
+                            ("dice",))
+    seed_means.append(np.mean([r["dice"] for r in rows
+                               if (r["subset"], r["region"]) == ("t1+t2", "TC")]))
+  cell = group["tables"]["dice"]["TC"]["t1+t2"]["unet"]
+  assert cell["mean"] == pytest.approx(np.mean(seed_means)) and cell["n_seeds"] == len(seeds)
+  assert (cell["sd"] is None) == (len(seeds) == 1)
+  assert results["claims"][0]["status"] in ("holds", "does not hold")
+  assert "of 15 subsets" in results["claims"][0]["detail"]
+  assert all(c["status"] == "not run" for c in results["claims"][1:])
+  assert (report / "report.md").is_file() and list(report.glob("dice_by_present_*.png"))
+  for run in results["runs"]:
+    assert all(info["train_wall_s"] > 0 for info in run["finished"].values())
+
+  # Run again: nothing retrained or re-evaluated, the report re-rendered.
+  checkpoints = _mtimes(workdir, "runs/*/seed*/checkpoints/**/*")
+  evaluations = _mtimes(workdir, "runs/*/seed*/study_eval/**/*")
+  assert checkpoints and evaluations
+  (report / "sentinel").write_text("")
+  logged = []
+  study.run_study(spec, workdir, log=logged.append)
+  assert logged == []
+  assert _mtimes(workdir, "runs/*/seed*/checkpoints/**/*") == checkpoints
+  assert _mtimes(workdir, "runs/*/seed*/study_eval/**/*") == evaluations
+  assert not (report / "sentinel").exists() and (report / "report.json").is_file()
+
+  # A lost evaluation record: only that evaluation runs again, no training.
+  folder = study.run_dir(workdir, "unet", 0)
+  marker = study.read_marker(folder)
+  del marker["evaluations"]["test"]
+  (folder / study.MARKER).write_text(json.dumps(marker))
+  logged.clear()
+  study.run_study(spec, workdir, log=logged.append)
+  assert [line.split(" on ")[0] for line in logged] == ["evaluate unet seed 0"]
+  assert _mtimes(workdir, "runs/*/seed*/checkpoints/**/*") == checkpoints
+
+  # The command line re-renders a finished study without training.
+  out = subprocess.run(
+      [sys.executable, "study.py", "--config", "configs/study.py:smoke", "--workdir",
+       str(workdir), "--render_only", f"--config.seeds={tuple(seeds)}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ))
+  assert out.returncode == 0, out.stderr
+  assert f"report: {workdir / 'report' / 'report.md'}" in out.stdout
+  assert "not run: " in out.stdout
+  assert _mtimes(workdir, "runs/*/seed*/checkpoints/**/*") == checkpoints
