@@ -124,3 +124,47 @@ def write_directory(path, fill: Callable[[pathlib.Path], None]) -> pathlib.Path:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return path
+
+
+# A folder written as a whole (reports): built beside its target, then swapped in.
+TMP_SUFFIX = ".report-tmp"
+
+
+def _stale_folders(path: pathlib.Path):
+  """Temporary folders beside `path` of reports whose process has ended (interrupted runs)."""
+  for sibling in path.parent.glob(f".{path.name}.*{TMP_SUFFIX}"):
+    pid = sibling.name[:-len(TMP_SUFFIX)].rsplit("-", 1)[-1]  # "-old": always stale
+    try:
+      os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+      yield sibling
+    except PermissionError:
+      pass  # another user's live process
+
+
+@contextlib.contextmanager
+def replacing_directory(path):
+  """Yields a new temporary folder beside `path`; if the block succeeds it replaces `path` (the old
+  folder is moved aside, the new one renamed in, the old one deleted), else it is deleted.
+  Temporary folders of interrupted earlier runs are removed first."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  for stale in _stale_folders(path):
+    shutil.rmtree(stale, ignore_errors=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.",
+                                      suffix=f"-{os.getpid()}{TMP_SUFFIX}"))
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the report gets a folder's usual mode
+  try:
+    yield tmp
+    if path.exists():
+      old = tmp.with_name(f"{tmp.name[:-len(TMP_SUFFIX)]}-old{TMP_SUFFIX}")
+      os.replace(path, old)
+      os.replace(tmp, path)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp, ignore_errors=True)

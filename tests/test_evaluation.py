@@ -304,7 +304,7 @@ def test_options_fail_with_one_line_before_evaluating():
 
 
 def test_a_report_folder_is_replaced_as_a_whole(tmp_path):
-  from hemijax.evaluation.evaluate import replacing_directory
+  from hemijax.atomic import replacing_directory
   out = tmp_path / "eval"
   with replacing_directory(out) as tmp:
     (tmp / "cases.csv").write_text("old")

@@ -131,6 +131,17 @@ def test_check_outputs_refuses_one_file_for_two_outputs(tmp_path):
 # --data: labels are not read, a bad case is skipped, probabilities, headers
 
 
+def test_predict_data_does_not_check_label_files(workdir, phantom_cases, tmp_path):
+  """A second label file in a case is a problem for training, not for prediction: exit 0."""
+  data = tmp_path / "data"
+  a = copy_case(phantom_cases[0], data, "a")
+  shutil.copy(a / "a_seg.nii.gz", a / "a_label.nii.gz")
+  out = tmp_path / "out"
+  proc = run_predict(["--workdir", workdir, "--data", data, "--out", out])
+  assert proc.returncode == 0, proc.stderr
+  assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz"]
+
+
 def test_predict_data_ignores_labels_and_skips_unreadable_cases(workdir, phantom_cases, tmp_path):
   data = tmp_path / "data"
   # Case a: a BraTS 2023 label value (3) and a stray brain mask file; its header codes and units

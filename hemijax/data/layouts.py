@@ -75,8 +75,9 @@ def _requested_modalities(modalities):
 class _Problems:
   """Raises the first problem (training) or collects them all (verify)."""
 
-  def __init__(self, collect: bool):
+  def __init__(self, collect: bool, labels: bool = True):
     self.collect = collect
+    self.labels = labels  # False: problems with label files are not looked for (prediction)
     self.items: list[DataError] = []
 
   def __call__(self, error: DataError):
@@ -203,7 +204,8 @@ def _brats_case(folder: pathlib.Path, wanted, report) -> CaseFiles | None:
     suffix = stem[len(case_id) + 1:] if stem.startswith(case_id + "_") else stem.rsplit("_", 1)[-1]
     if suffix.lower() in LABEL_SUFFIXES:
       if label is not None:
-        report(problem(f, f"second label file for case {case_id} (also {label.name})"))
+        if report.labels:
+          report(problem(f, f"second label file for case {case_id} (also {label.name})"))
         continue
       label = f
       continue
@@ -251,15 +253,16 @@ def _discover_brats2018(root: pathlib.Path, wanted, report) -> list[CaseFiles]:
 # nnU-Net raw: dataset.json + imagesTr/<case>_XXXX.nii.gz + labelsTr/<case>.nii.gz
 
 
-def _read_json_object(path: pathlib.Path) -> dict:
+def _read_json_object(path: pathlib.Path, missing="not found (an nnU-Net dataset needs one)",
+                      expected="expected a JSON object") -> dict:
   try:
     meta = json.loads(path.read_text())
   except FileNotFoundError:
-    raise problem(path, "not found (an nnU-Net dataset needs one)") from None
+    raise problem(path, missing) from None
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise problem(path, f"cannot read JSON ({e})") from None
   if not isinstance(meta, dict):
-    raise problem(path, "expected a JSON object")
+    raise problem(path, expected)
   return meta
 
 
@@ -424,7 +427,8 @@ def _discover_manifest(root: pathlib.Path, wanted, report) -> list[CaseFiles]:
     if cell:
       label = base / cell
       if not label.is_file():
-        report(problem(label, f"listed in {path} as the label of case {case_id}, but not found"))
+        if report.labels:
+          report(problem(label, f"listed in {path} as the label of case {case_id}, but not found"))
         label = None
     case = CaseFiles(case_id, _ordered(images, wanted), label, path)
     if not case.images:
@@ -439,9 +443,10 @@ def _discover_manifest(root: pathlib.Path, wanted, report) -> list[CaseFiles]:
 
 
 def discover_cases_and_problems(root, layout="auto", modalities=None, *, include_test=False,
-                                collect=False):
+                                collect=False, labels=True):
   """`discover_cases` that, with `collect=True`, returns (cases, problems) instead of raising at the
-  first problem inside a case (used by `verify`). Problems with the dataset as a whole (empty
+  first problem inside a case (used by `verify`); `labels=False` skips checking label files
+  (prediction never reads them). Problems with the dataset as a whole (empty
   folder, unreadable manifest or dataset.json, unknown layout) always raise."""
   root = _check_root(root)
   wanted = _requested_modalities(modalities)
@@ -451,7 +456,7 @@ def discover_cases_and_problems(root, layout="auto", modalities=None, *, include
     raise DataError(f"--layout: unknown layout {layout!r}; choose one of auto, {', '.join(LAYOUTS)}")
   if root.is_file() and layout != "manifest":
     raise problem(root, f"the {layout} layout needs a folder")
-  report = _Problems(collect)
+  report = _Problems(collect, labels)
   if layout == "brats":
     cases = _discover_brats(root, wanted, report)
   elif layout == "brats2018":
@@ -541,14 +546,9 @@ def read_split_file(path) -> tuple[dict[str, list[str]], dict]:
   """Reads a split file -> (splits, about). `about` is the optional "about" object a generated
   split carries ({"dataset": folder it was made for, "how": ...}); {} if none."""
   path = pathlib.Path(path)
-  try:
-    splits = json.loads(path.read_text())
-  except FileNotFoundError:
-    raise problem(path, "split file not found") from None
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise problem(path, f"cannot read JSON ({e})") from None
-  if not isinstance(splits, dict):
-    raise problem(path, 'expected an object like {"train": [...], "val": [...], "test": [...]}')
+  splits = _read_json_object(
+      path, missing="split file not found",
+      expected='expected an object like {"train": [...], "val": [...], "test": [...]}')
   about = splits.pop("about", {})
   if not isinstance(about, dict):
     raise problem(path, "'about' must be an object")

@@ -10,17 +10,15 @@ and overlay PNGs, written into a temporary folder that then replaces the report 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pathlib
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 from tqdm import tqdm
 
+from hemijax import atomic
 from hemijax.data import datasets, io, layouts, preprocess
 from hemijax.data.case_ids import case_filename
 from hemijax.evaluation import metrics, plots, tables
@@ -121,53 +119,6 @@ def _evaluated_data(other) -> str | None:
 
 def _same_folder(a, b) -> bool:
   return pathlib.Path(a).resolve() == pathlib.Path(b).resolve()
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing a report folder as a whole
-
-
-TMP_SUFFIX = ".report-tmp"
-
-
-def _stale_siblings(path: pathlib.Path):
-  """Temporary folders beside `path` of reports whose process has ended (interrupted runs)."""
-  for sibling in path.parent.glob(f".{path.name}.*{TMP_SUFFIX}"):
-    pid = sibling.name[:-len(TMP_SUFFIX)].rsplit("-", 1)[-1]  # "-old": always stale
-    try:
-      os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-      yield sibling
-    except PermissionError:
-      pass  # another user's live process
-
-
-@contextlib.contextmanager
-def replacing_directory(path):
-  """Yields a new temporary folder beside `path`; if the block succeeds it replaces `path` (the old
-  folder is moved aside, the new one renamed in, the old one deleted), else it is deleted.
-  Temporary folders of interrupted earlier runs are removed first."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  for stale in _stale_siblings(path):
-    shutil.rmtree(stale, ignore_errors=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.",
-                                      suffix=f"-{os.getpid()}{TMP_SUFFIX}"))
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the report gets a folder's usual mode
-  try:
-    yield tmp
-    if path.exists():
-      old = tmp.with_name(f"{tmp.name[:-len(TMP_SUFFIX)]}-old{TMP_SUFFIX}")
-      os.replace(path, old)
-      os.replace(tmp, path)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +232,7 @@ def evaluate_workdir(workdir, *, data=None, layout="auto", split="test", subsets
                  not_applicable=[f"{subset_symbol(s, modalities)} {subset_key(s, modalities)}"
                                  for s in not_applicable])
   title = f"{config.method} on {root.name} ({split}), checkpoint step {predictor.step}"
-  with replacing_directory(out) as tmp:
+  with atomic.replacing_directory(out) as tmp:
     relocate = lambda value: (str(out / pathlib.Path(value).relative_to(tmp))
                               if isinstance(value, str) and value.startswith(f"{tmp}{os.sep}")
                               else value)

@@ -34,19 +34,16 @@ are not a subset: no wins, claims or plot points.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import datetime
 import hashlib
 import importlib.util
 import json
-import os
 import pathlib
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 
@@ -565,35 +562,12 @@ def build_results(study: Study, workdir, *, command=None) -> dict:
           "unfinished": unfinished, "groups": groups, "claims": check_claims(study, groups)}
 
 
-@contextlib.contextmanager
-def _replacing_directory(path: pathlib.Path):
-  """A new folder beside `path` that replaces it when the block succeeds (old moved aside, new
-  renamed in, old deleted); deleted on failure."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new."))
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the usual permissions
-  try:
-    yield tmp
-    if path.exists():
-      old = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
-      os.replace(path, old / path.name)
-      os.replace(tmp, path)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp, ignore_errors=True)
-
-
 def render_report(study: Study, workdir, *, command=None) -> pathlib.Path:
   """Writes WORKDIR/report (report.md, report.json, PNGs, extra/) from the finished runs."""
   workdir = pathlib.Path(workdir)
   results = build_results(study, workdir, command=command)
   report = workdir / REPORT
-  with _replacing_directory(report) as tmp:
+  with atomic.replacing_directory(report) as tmp:
     plots = {}
     for i, (key, group) in enumerate(results["groups"].items()):
       name = f"dice_by_present_{i}_{group['evaluation']}.png"

@@ -73,7 +73,7 @@ def predict_dataset(workdir, data, out, layout="auto", step="best", *, probabili
   checks.check_out_folder(out, data)
   predictor = Predictor(workdir, checkpoint_step(step))
   cases, problems = layouts.discover_cases_and_problems(data, layout, predictor.modalities,
-                                                        collect=not stop_on_error)
+                                                        collect=not stop_on_error, labels=False)
   problems = [str(p) for p in problems]
   out = pathlib.Path(out)
   written, taken = [], {}
