@@ -345,6 +345,7 @@ def test_presets_and_clear_errors():
     disentangle_config.get_config("fast")
 
 
+@pytest.mark.slow  # ~50 s; the contract test trains every method on CI
 def test_smoke_training_run(tmp_path):
   from hemijax.training import loop
   config = smoke_training_config(disentangle_config, conv_impl=None)  # the preset picks it

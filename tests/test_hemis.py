@@ -64,6 +64,7 @@ def test_subset_equals_model_with_others_removed(model_and_params, subset):
   np.testing.assert_allclose(padded, removed, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # ~30 s; 3D layers are checked against lax in test_layers
 def test_3d_from_the_same_definition():
   model = HeMIS(num_modalities=2, num_classes=2, **SMALL)
   image = jnp.ones((1, 6, 6, 6, 2))
@@ -193,6 +194,7 @@ def test_final_layer_phase_changes_only_the_final_layer():
     assert all(changed) if name == "classifier" else not any(changed), name
 
 
+@pytest.mark.slow  # ~30 s through the loop; the stage test covers CI
 def test_two_phase_smoke_run_trains_only_the_final_layer_in_phase_two(tmp_path):
   from hemijax.inference.predictor import load_run
   from hemijax.training import loop

@@ -38,6 +38,7 @@ def test_subset_masks_of_all_subsets():
   assert len({tuple(m) for m in masks}) == 15
 
 
+@pytest.mark.slow  # ~40 s; the 2D case and the contract test cover CI
 def test_shared_encoding_equals_independent_forwards_3d():
   method, variables = make_method(3)
   volume = np.asarray(jax.random.normal(jax.random.key(1), (11, 9, 10, 3)))

@@ -245,7 +245,7 @@ def pimms_uninterrupted(tmp_path_factory, cache_dir):
 
 
 # Checkpoint 3 holds the classifier stage's optimiser state; 2 is inside that stage.
-@pytest.mark.parametrize("resume_from", [2, 3])
+@pytest.mark.parametrize("resume_from", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_resume_across_a_stage_boundary_gives_the_same_numbers(pimms_uninterrupted, tmp_path,
                                                                cache_dir, resume_from):
   full, resumed = pimms_uninterrupted, tmp_path / "resumed"
