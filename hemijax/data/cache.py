@@ -49,22 +49,26 @@ def _source(kind: str, path: pathlib.Path) -> str:
     return "?"
 
 
+def _children(root: pathlib.Path):
+  """(kind, path) of everything in the cache's per-kind folders, in name order."""
+  for kind in KINDS:
+    folder = root / kind
+    if folder.is_dir():
+      yield from ((kind, path) for path in sorted(folder.iterdir()))
+
+
 def list_entries(root, older_than_days: float | None = None, now: float | None = None) -> list[Entry]:
   """The cache's entries (not temporaries), optionally only those unused for `older_than_days`."""
   root = pathlib.Path(root)
   now = time.time() if now is None else now
   entries = []
-  for kind in KINDS:
-    folder = root / kind
-    if not folder.is_dir():
+  for kind, path in _children(root):
+    if path.name.startswith(".") or not path.is_dir():
       continue
-    for path in sorted(folder.iterdir()):
-      if path.name.startswith(".") or not path.is_dir():
-        continue
-      last_used = path.stat().st_mtime
-      if older_than_days is not None and now - last_used < older_than_days * 86400:
-        continue
-      entries.append(Entry(kind, path, _size(path), last_used, _source(kind, path)))
+    last_used = path.stat().st_mtime
+    if older_than_days is not None and now - last_used < older_than_days * 86400:
+      continue
+    entries.append(Entry(kind, path, _size(path), last_used, _source(kind, path)))
   return entries
 
 
@@ -122,21 +126,17 @@ def remove_stale_temporaries(root, now: float | None = None) -> list[pathlib.Pat
   root = pathlib.Path(root)
   now = time.time() if now is None else now
   removed = []
-  for kind in KINDS:
-    folder = root / kind
-    if not folder.is_dir():
+  for kind, path in _children(root):
+    if not (path.name.startswith(".") and ".tmp" in path.name):
       continue
-    for path in folder.iterdir():
-      if not (path.name.startswith(".") and ".tmp" in path.name):
+    try:
+      if now - path.lstat().st_mtime < STALE_TEMPORARY_S:
         continue
-      try:
-        if now - path.lstat().st_mtime < STALE_TEMPORARY_S:
-          continue
-        if path.is_dir() and not path.is_symlink():
-          shutil.rmtree(path, ignore_errors=True)
-        else:
-          path.unlink()
-      except OSError:
-        continue
-      removed.append(path)
+      if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        path.unlink()
+    except OSError:
+      continue
+    removed.append(path)
   return removed
