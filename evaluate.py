@@ -2,6 +2,7 @@ r"""Evaluates a trained workdir on every non-empty subset of its modalities.
 
   python evaluate.py --workdir runs/hemis [--data DIR --layout auto] [--split test|val|train|all]
       [--subsets all|flair+t1,t2] [--step best|latest|N] [--compare runs/unet ...] [--out DIR]
+      [--hd95 directed_max|pooled] [--empty-penalty brats|image_diagonal] [--min-volume ET=500]
 
 Each case is scored on every subset of the modalities its files have (a subset needing a missing
 modality does not apply to it; the tables' n column counts the cases scored), and once more "as
@@ -14,7 +15,8 @@ the folder is replaced as a whole) and prints the tables, then any report the me
 (synthesis PSNR, a modality classifier's accuracy). With --compare (workdirs of the same task,
 evaluated before on the same cases): comparison.md (Dice), comparison_assd.md and
 comparison_hd95.md, methods side by side with wins and Wilcoxon p-values against WORKDIR, paired
-over the cases both were scored on.
+over the cases both were scored on. The metric conventions used (HD95 definition, empty-mask
+penalty, --min-volume post-processing) are written into every summary and comparison.
 """
 import argparse
 
@@ -33,14 +35,25 @@ def main():
   parser.add_argument("--compare", nargs="*", default=(), metavar="OTHER_WORKDIR")
   parser.add_argument("--out", default=None)
   parser.add_argument("--step", default="best", help='"best", "latest" or a step number')
+  parser.add_argument("--hd95", default="directed_max", choices=("directed_max", "pooled"),
+                      help="HD95 definition (default directed_max: MONAI/BraTS)")
+  parser.add_argument("--empty-penalty", default="brats", choices=("brats", "image_diagonal"),
+                      help="HD95/ASSD when exactly one mask is empty (default brats: 373.13 mm)")
+  parser.add_argument("--min-volume", nargs="*", default=(), metavar="REGION=MM3",
+                      help="a predicted region under this volume counts as empty for its score "
+                           "(BraTS post-processing of RFNet/mmFormer: ET=500)")
   args = parser.parse_args()
 
   def run():
-    from hemijax.evaluation.evaluate import checkpoint_step, evaluate_workdir
+    from hemijax.evaluation.evaluate import (checkpoint_step, evaluate_workdir,
+                                             parse_min_volume_option)
 
+    options = dict(hd95_convention=args.hd95, empty_penalty=args.empty_penalty,
+                   min_region_volume_mm3=parse_min_volume_option(args.min_volume))
     summary = evaluate_workdir(args.workdir, data=args.data, layout=args.layout,
                                split=args.split, subsets=args.subsets, out=args.out,
-                               compare=args.compare, step=checkpoint_step(args.step))
+                               compare=args.compare, step=checkpoint_step(args.step),
+                               metric_options=options)
     for report in summary["reports"]:  # the summary, the method's own reports, the comparison
       print(open(report).read())
 

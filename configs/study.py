@@ -17,7 +17,8 @@ Fields: `runs` (name, method config file, preset, config `overrides` as dotted f
 optional `seeds`), `seeds`, `reference` (run names: each group of runs evaluated on the same data
 is compared against the first of these it contains, else its first run), `evaluations` (name,
 split, `data` folder or None for each run's own data, `data_overrides`, optional `runs`), `step`
-(the checkpoint every evaluation uses), `overrides` (for every run), `metrics`, and `claims` (the
+(the checkpoint every evaluation uses), `overrides` (for every run), `metrics`, `metric_options`
+(HD95 convention, empty-mask penalty, ET post-processing; written into the report), and `claims` (the
 papers' claims as computed checks; kinds in hemijax/evaluation/claims.py; a claim whose runs are not
 in the study is reported as "not run").
 """
@@ -103,6 +104,12 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   config.step = "best"
   config.overrides = ml_collections.ConfigDict()  # nested: overrides.train.num_steps
   config.metrics = ("dice", "hd95", "assd")
+  # BraTS conventions (hemijax.evaluation.metrics): the directed-maximum HD95 and the 373.13 mm
+  # penalty for an empty prediction; no post-processing. The RFNet/mmFormer one counts a predicted
+  # ET under 500 mm^3 as empty: min_region_volume_mm3={"ET": 500.0} (runs without ET ignore it).
+  config.metric_options = ml_collections.ConfigDict(dict(
+      hd95_convention="directed_max", empty_penalty="brats",
+      min_region_volume_mm3=ml_collections.ConfigDict()))
   config.claims = list(CLAIMS)
   if preset == "smoke":
     config.seeds = (0, 1)

@@ -341,3 +341,51 @@ def test_lesion_wise_metrics_empty_cases():
   assert false_positive["hd95"] == pytest.approx(np.sqrt(3 * 20.0 ** 2))
   with pytest.raises(ValueError, match="hd95_convention"):
     metrics.lesion_wise_metrics(small, small, 1.0, hd95_convention="mean")
+
+
+def test_small_predicted_region_counts_as_empty_rfnet_convention():
+  """A predicted ET under the threshold (mm^3, so 62.5 voxels at 2 mm) is scored as empty; WT and
+  TC keep its voxels; the threshold scales with the voxel size."""
+  regions = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
+  truth = np.zeros((12, 12, 12), np.int32)
+  truth[2:6, 2:6, 2:6] = 2                     # no ET in the truth
+  pred = truth.copy()
+  pred[3:5, 3:5, 3:5] = 4                      # 8 voxels of false ET
+  plain = metrics.case_metrics(pred, truth, 2.0, regions)
+  assert plain["ET"]["dice"] == 0.0
+  options = {"ET": 500.0}                      # 8 voxels * 8 mm^3 = 64 mm^3 < 500
+  post = metrics.case_metrics(pred, truth, 2.0, regions, min_region_volume_mm3=options)
+  assert post["ET"]["dice"] == 1.0 and post["ET"]["hd95"] == 0.0
+  assert post["WT"] == plain["WT"] and post["TC"] == plain["TC"]
+  # At 4 mm the same 8 voxels are 512 mm^3: kept.
+  assert metrics.case_metrics(pred, truth, 4.0, regions,
+                              min_region_volume_mm3=options)["ET"]["dice"] == 0.0
+  # Anisotropic spacing: 8 voxels * (1 * 1 * 60) = 480 mm^3 < 500, dropped.
+  assert metrics.case_metrics(pred, truth, (1.0, 1.0, 60.0), regions,
+                              min_region_volume_mm3=options)["ET"]["dice"] == 1.0
+  with pytest.raises(ValueError, match="min_region_volume_mm3: unknown region 'XX'"):
+    metrics.case_metrics(pred, truth, 2.0, regions, min_region_volume_mm3={"XX": 1.0})
+  record = metrics.metric_conventions(min_region_volume_mm3=options)
+  assert "ET < 500 mm^3" in record["postprocessing"]
+  assert metrics.metric_conventions()["postprocessing"] == "none"
+
+
+def test_evaluate_metric_options_are_checked_before_evaluating():
+  from hemijax.evaluation.evaluate import check_metric_options, parse_min_volume_option
+
+  regions = ("WT", "TC", "ET")
+  assert parse_min_volume_option(["ET=500"]) == {"ET": 500.0}
+  with pytest.raises(ValueError, match="--min-volume: 'ET' is not REGION=MM3"):
+    parse_min_volume_option(["ET"])
+  with pytest.raises(ValueError, match="--min-volume: 'ET=abc'"):
+    parse_min_volume_option(["ET=abc"])
+  with pytest.raises(ValueError, match="unknown region 'lesion'"):
+    check_metric_options({"min_region_volume_mm3": {"lesion": 10}}, regions)
+  assert check_metric_options({"min_region_volume_mm3": {"lesion": 10}}, regions,
+                              unknown_regions="ignore")["min_region_volume_mm3"] == {}
+  with pytest.raises(ValueError, match="must be a volume >= 0"):
+    check_metric_options({"min_region_volume_mm3": {"ET": -1}}, regions)
+  with pytest.raises(ValueError, match="hd95_convention"):
+    check_metric_options({"hd95_convention": "medpy"}, regions)
+  with pytest.raises(ValueError, match="unknown \\['typo'\\]"):
+    check_metric_options({"typo": 1}, regions)

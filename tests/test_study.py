@@ -220,6 +220,13 @@ def test_study_config_errors_name_the_field():
   config.reference = ("nobody",)
   with pytest.raises(ValueError, match="reference: none of"):
     study.parse_study(config, "s.py")
+  config = study_config.get_config("smoke")
+  config.metric_options.min_region_volume_mm3 = {"ET": -5}
+  with pytest.raises(ValueError, match="s.py: metric_options: min_region_volume_mm3: ET=-5"):
+    study.parse_study(config, "s.py")
+  config.metric_options = {"hd95": "pooled"}
+  with pytest.raises(ValueError, match="s.py: metric_options: unknown \\['hd95'\\]"):
+    study.parse_study(config, "s.py")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +259,8 @@ def _install_fakes(monkeypatch, calls, fail_first_train=False):
       raise Interrupted  # as a kill or Ctrl-C would
     (pathlib.Path(workdir) / "checkpoints").mkdir(parents=True, exist_ok=True)
 
-  def evaluate_workdir(workdir, *, data, split, out, step, progress=False):
+  def evaluate_workdir(workdir, *, data, split, out, step, metric_options, unknown_regions,
+                       progress=False):
     run = pathlib.Path(workdir).parent.name
     calls.append(("evaluate", run))
     quality = {"hemis": 0.7, "unet": 0.5}[run]

@@ -71,6 +71,46 @@ def _check_split(split, config, root, layout) -> tuple[str | None, str | None]:
   return split, str(choice.path)
 
 
+def check_metric_options(options, regions, unknown_regions="error") -> dict:
+  """`metric_options` checked against the metrics' choices and the task's regions (one-line errors
+  naming the option), before anything is evaluated."""
+  options = dict(options or {})
+  unknown = set(options) - {"hd95_convention", "empty_penalty", "min_region_volume_mm3"}
+  if unknown:
+    raise ValueError(f"metric options: unknown {sorted(unknown)}; known: hd95_convention, "
+                     "empty_penalty, min_region_volume_mm3")
+  metrics.metric_conventions(**options)  # checks the two conventions
+  volumes = {str(k): v for k, v in dict(options.get("min_region_volume_mm3") or {}).items()}
+  if unknown_regions == "ignore":
+    volumes = {k: v for k, v in volumes.items() if k in regions}
+  for name, value in volumes.items():
+    if name not in regions:
+      raise ValueError(f"min_region_volume_mm3: unknown region {name!r}; this task's regions: "
+                       f"{', '.join(regions)}")
+    try:
+      volumes[name] = float(value)
+    except (TypeError, ValueError):
+      volumes[name] = float("nan")
+    if not volumes[name] >= 0:
+      raise ValueError(f"min_region_volume_mm3: {name}={value!r} must be a volume >= 0 mm^3")
+  options["min_region_volume_mm3"] = volumes
+  return options
+
+
+def parse_min_volume_option(values) -> dict:
+  """`--min-volume ET=500 ...` -> {"ET": 500.0}."""
+  out = {}
+  for item in values or ():
+    name, sep, value = str(item).partition("=")
+    try:
+      out[name.strip()] = float(value)
+    except ValueError:
+      sep = ""
+    if not sep or not name.strip():
+      raise ValueError(f"--min-volume: {item!r} is not REGION=MM3 (e.g. ET=500)")
+  return out
+
+
 def _check_out(out: pathlib.Path) -> None:
   """The report folder is replaced as a whole: refuse one that holds anything but a report."""
   if out.exists() and not out.is_dir():
@@ -125,7 +165,7 @@ def _same_folder(a, b) -> bool:
 # Scoring
 
 
-def _score_case(predictor, vol, truth, spacing, chosen):
+def _score_case(predictor, vol, truth, spacing, chosen, metric_options):
   """Rows of one case on each applicable subset of `chosen` and as acquired; predictions (class
   ids, preprocessed grid) of its single-modality subsets and as acquired, for overlays."""
   modalities, task = predictor.modalities, predictor.task
@@ -140,7 +180,7 @@ def _score_case(predictor, vol, truth, spacing, chosen):
   for subset, class_map in zip(decoded, class_maps):
     pred = preprocess.class_ids_to_label_values(
         preprocess.to_original_grid(vol.transform, class_map, order=0), task.label_values)
-    by_subset[subset] = metrics.case_metrics(pred, truth, spacing, task.regions)
+    by_subset[subset] = metrics.case_metrics(pred, truth, spacing, task.regions, **metric_options)
     if subset in own:
       rows += tables.case_rows(vol.case_id, subset, by_subset[subset], modalities, acquired=held)
   rows += tables.case_rows(vol.case_id, AS_ACQUIRED, by_subset[held], modalities, acquired=held)
@@ -161,13 +201,17 @@ def _write_overlays(out, overlays, predictor):
 
 
 def evaluate_workdir(workdir, *, data=None, layout="auto", split="test", subsets="all", out=None,
-                     compare=(), step="best", progress=True) -> dict:
+                     compare=(), step="best", metric_options=None, unknown_regions="error",
+                     progress=True) -> dict:
   """Evaluates `workdir`'s checkpoint; returns the summary (and writes the report files).
 
   `split`: "train", "val", "test" (as listed in the dataset's splits.json or the split file the run
   recorded for this dataset; refused without one) or "all". `subsets`: "all" or comma-separated subset keys; an explicitly requested subset that no
   case has all the modalities of is refused. `compare`: workdirs evaluated before, of the same
-  task and sharing cases with this evaluation.
+  task and sharing cases with this evaluation. `metric_options`: `hd95_convention`,
+  `empty_penalty` and `min_region_volume_mm3` of `metrics.case_metrics` (defaults: the BraTS
+  directed-maximum HD95, the 373.13 mm penalty, no post-processing); recorded in the summary.
+  `unknown_regions="ignore"` drops thresholds of regions this task lacks (a study mixes tasks).
   """
   step = checkpoint_step(step)
   workdir = pathlib.Path(workdir)
@@ -178,6 +222,7 @@ def evaluate_workdir(workdir, *, data=None, layout="auto", split="test", subsets
   predictor = Predictor(workdir, step)
   config, task, modalities = predictor.config, predictor.task, predictor.modalities
   regions = tuple(task.regions)
+  metric_options = check_metric_options(metric_options, regions, unknown_regions)
   chosen = parse_subsets_option(subsets, modalities)
   root = pathlib.Path(data) if data else datasets.dataset_root(config)
   if not root.is_dir():
@@ -218,12 +263,13 @@ def evaluate_workdir(workdir, *, data=None, layout="auto", split="test", subsets
       truth = labels.to_task_values(truth)
     except ValueError as e:
       raise ValueError(f"{label_files[vol.case_id]}: {e}") from None
-    case_rows, shown = _score_case(predictor, vol, truth, preprocess.spacing_of(affine), chosen)
+    case_rows, shown = _score_case(predictor, vol, truth, preprocess.spacing_of(affine), chosen,
+                                   metric_options)
     rows += case_rows
     if len(overlays) < OVERLAY_CASES:
       overlays.append((vol, shown))
 
-  conventions = metrics.metric_conventions()
+  conventions = metrics.metric_conventions(**metric_options)
   summary = tables.summarise(rows, modalities, regions)
   summary.update(workdir=str(workdir), method=config.method, split=split, split_file=split_file,
                  step=predictor.step, step_requested=step, data=str(root.absolute()),

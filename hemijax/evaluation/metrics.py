@@ -219,13 +219,43 @@ def region_masks(label_map, regions) -> dict[str, np.ndarray]:
   return {name: np.isin(label_map, np.asarray(values)) for name, values in regions.items()}
 
 
+def drop_small_regions(pred_regions, spacing, min_region_volume_mm3) -> dict:
+  """The predicted regions with each one smaller than its threshold (mm^3) emptied.
+
+  The BraTS convention of the RFNet / mmFormer evaluations: a predicted enhancing tumour under 500
+  voxels at 1 mm (`{"ET": 500}`) counts as none, because small ET predictions are mostly false
+  positives on cases without ET. Thresholds are volumes, so they scale with the voxel size (62.5
+  voxels at 2 mm). Only the named region's own score changes (as those evaluations do): the voxels
+  stay in the label map, so WT and TC keep them.
+  """
+  if not min_region_volume_mm3:
+    return pred_regions
+  voxel_mm3 = float(np.prod(np.broadcast_to(np.asarray(spacing, float),
+                                            (next(iter(pred_regions.values())).ndim,))))
+  out = dict(pred_regions)
+  for name, threshold in min_region_volume_mm3.items():
+    if name not in out:
+      raise ValueError(f"min_region_volume_mm3: unknown region {name!r}; regions: "
+                       f"{', '.join(out)}")
+    if not float(threshold) >= 0:
+      raise ValueError(f"min_region_volume_mm3: {name}={threshold!r} must be a volume >= 0 mm^3")
+    if np.count_nonzero(out[name]) * voxel_mm3 < float(threshold):
+      out[name] = np.zeros_like(out[name])
+  return out
+
+
 def case_metrics(pred_labels, true_labels, spacing, regions, connectivity=1, *,
-                 hd95_convention=DEFAULT_HD95_CONVENTION, empty_penalty=DEFAULT_EMPTY_PENALTY):
-  """Region -> metric name -> value for one case; label maps in file label values."""
+                 hd95_convention=DEFAULT_HD95_CONVENTION, empty_penalty=DEFAULT_EMPTY_PENALTY,
+                 min_region_volume_mm3=None):
+  """Region -> metric name -> value for one case; label maps in file label values.
+
+  `min_region_volume_mm3` ({region: mm^3}): `drop_small_regions` post-processing of the prediction.
+  """
   pred_labels, true_labels = np.asarray(pred_labels), np.asarray(true_labels)
   if pred_labels.shape != true_labels.shape:
     raise ValueError(f"prediction shape {pred_labels.shape} != truth shape {true_labels.shape}")
-  pred_regions = region_masks(pred_labels, regions)
+  pred_regions = drop_small_regions(region_masks(pred_labels, regions), spacing,
+                                    min_region_volume_mm3)
   true_regions = region_masks(true_labels, regions)
   return {name: binary_metrics(pred_regions[name], true_regions[name], spacing, connectivity,
                                hd95_convention=hd95_convention, empty_penalty=empty_penalty)
@@ -299,7 +329,8 @@ def lesion_wise_metrics(pred, truth, spacing, *, dilation_iterations=3, min_lesi
 
 
 def metric_conventions(hd95_convention=DEFAULT_HD95_CONVENTION,
-                       empty_penalty=DEFAULT_EMPTY_PENALTY, connectivity=1) -> dict:
+                       empty_penalty=DEFAULT_EMPTY_PENALTY, connectivity=1,
+                       min_region_volume_mm3=None) -> dict:
   """JSON-ready description of the metric definitions in use, to record beside every report."""
   _check_option("hd95_convention", hd95_convention, HD95_CONVENTIONS)
   _check_option("empty_penalty", empty_penalty, EMPTY_PENALTIES)
@@ -324,4 +355,10 @@ def metric_conventions(hd95_convention=DEFAULT_HD95_CONVENTION,
       "empty_penalty": penalty_text,
       "empty_penalty_mm": HD_PENALTY_MM if empty_penalty == "brats" else None,
       "both_empty": "dice 1, hd95 0, assd 0, sensitivity 1, precision 1",
+      "postprocessing": (
+          "none" if not min_region_volume_mm3 else
+          "a predicted region under its volume counts as empty for its own score (RFNet/mmFormer "
+          "convention): " + ", ".join(f"{k} < {float(v):g} mm^3"
+                                      for k, v in min_region_volume_mm3.items())),
+      "min_region_volume_mm3": dict(min_region_volume_mm3 or {}),
   }

@@ -100,6 +100,9 @@ class Study:
   metrics: tuple
   claims: tuple
   source: str
+  # evaluate_workdir's metric_options (HD95 convention, empty-mask penalty, post-processing); a
+  # min_region_volume_mm3 threshold applies to the runs whose task has that region.
+  metric_options: dict = dataclasses.field(default_factory=dict)
 
   def run(self, name) -> Run:
     return next(r for r in self.runs if r.name == name)
@@ -162,7 +165,32 @@ def parse_study(config, source="study config") -> Study:
                overrides=flatten_overrides(_get(config, "overrides", {})), metrics=metrics,
                claims=tuple(claims_lib.validate(_get(config, "claims", ()),
                                                 source=f"{source}: claims")),
-               source=source)
+               source=source, metric_options=_metric_options(config, source))
+
+
+def _metric_options(config, source) -> dict:
+  """config.metric_options, checked (one-line errors) and in a JSON-stable form."""
+  from hemijax.evaluation import metrics as metrics_lib
+
+  options = dict(_get(config, "metric_options", {}) or {})
+  unknown = set(options) - {"hd95_convention", "empty_penalty", "min_region_volume_mm3"}
+  if unknown:
+    raise ValueError(f"{source}: metric_options: unknown {sorted(unknown)}; known: "
+                     "hd95_convention, empty_penalty, min_region_volume_mm3")
+  out = {"hd95_convention": str(options.get("hd95_convention",
+                                            metrics_lib.DEFAULT_HD95_CONVENTION)),
+         "empty_penalty": str(options.get("empty_penalty", metrics_lib.DEFAULT_EMPTY_PENALTY)),
+         "min_region_volume_mm3": {}}
+  try:
+    metrics_lib.metric_conventions(out["hd95_convention"], out["empty_penalty"])
+    for name, value in dict(options.get("min_region_volume_mm3") or {}).items():
+      volume = float(value)
+      if not volume >= 0:
+        raise ValueError(f"min_region_volume_mm3: {name}={value!r} must be >= 0 mm^3")
+      out["min_region_volume_mm3"][str(name)] = volume
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{source}: metric_options: {e}") from None
+  return out
 
 
 def _load_config_module(path, where):
@@ -251,7 +279,8 @@ def evaluation_spec(study: Study, evaluation: Evaluation, config) -> dict:
     root = datasets.dataset_root(apply_overrides(
         config.copy_and_resolve_references(), evaluation.data_overrides,
         f"{study.source}: evaluations {evaluation.name!r}: data_overrides"))
-  return {"data": str(pathlib.Path(root).absolute()), "split": evaluation.split, "step": study.step}
+  return {"data": str(pathlib.Path(root).absolute()), "split": evaluation.split, "step": study.step,
+          "metric_options": study.metric_options}
 
 
 def is_finished(marker: dict, fingerprint_: str, specs: dict) -> bool:
@@ -326,7 +355,8 @@ def _evaluate(folder, name, spec, progress, log, run, seed) -> dict:
   out = folder / EVAL_FOLDER / name
   start = time.perf_counter()
   summary = evaluate_workdir(folder, data=spec["data"], split=spec["split"], out=out,
-                             step=spec["step"], progress=progress)
+                             step=spec["step"], metric_options=spec.get("metric_options"),
+                             unknown_regions="ignore", progress=progress)
   wall = time.perf_counter() - start
   reports = [str(pathlib.Path(r).resolve().relative_to(folder.resolve()))
              for r in summary.get("reports", ())
@@ -516,7 +546,8 @@ def collect(study: Study, workdir) -> tuple[dict, list, dict]:
       if marker:
         markers[(run.name, seed)] = marker
       for name in wanted:
-        if name not in done or done[name]["spec"]["step"] != study.step:
+        if (name not in done or done[name]["spec"]["step"] != study.step
+            or done[name]["spec"].get("metric_options") != study.metric_options):
           continue
         entry = done[name]
         key = f"{name}|{entry['spec']['data']}|{entry['spec']['split']}"
