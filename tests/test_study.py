@@ -380,6 +380,10 @@ def test_smoke_study_end_to_end_resumes_and_rerenders(tmp_path, seeds):
   assert (report / "report.md").is_file() and list(report.glob("dice_by_present_*.png"))
   for run in results["runs"]:
     assert all(info["train_wall_s"] > 0 for info in run["finished"].values())
+    assert all(info["validation"] and info["validation"][-1][0] == 2
+               for info in run["finished"].values())
+  assert (report / study.VALIDATION_PLOT).is_file()
+  assert "validation gain" in (report / "report.md").read_text()
 
   # Run again: nothing retrained or re-evaluated, the report re-rendered.
   checkpoints = _mtimes(workdir, "runs/*/seed*/checkpoints/**/*")
@@ -412,3 +416,19 @@ def test_smoke_study_end_to_end_resumes_and_rerenders(tmp_path, seeds):
   assert f"report: {workdir / 'report' / 'report.md'}" in out.stdout
   assert "not run: " in out.stdout
   assert _mtimes(workdir, "runs/*/seed*/checkpoints/**/*") == checkpoints
+
+
+def test_plateau_gain_of_validation_curves(tmp_path):
+  """The rise of the best validation score over the last quarter of the steps."""
+  rising = [[100, 0.2], [200, 0.4], [300, 0.5], [400, 0.7]]
+  assert study.plateau_gain(rising) == pytest.approx(0.2)       # 0.7 - max(0.2, 0.4, 0.5)
+  flat = [[100, 0.6], [200, 0.8], [300, 0.81], [400, 0.79]]
+  assert study.plateau_gain(flat) == pytest.approx(0.0)         # the best came before the tail
+  assert study.plateau_gain([[400, 0.7]]) is None
+  assert study.plateau_gain([]) is None
+  lines = [{"split": "train", "step": 50, "loss": 1.0},
+           {"split": "val", "step": 100, "val_score": 0.25, "val_dice_all": 0.3},
+           {"split": "val", "step": 200, "val_score": 0.5}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+  assert study.validation_curve(tmp_path) == [[100, 0.25], [200, 0.5]]
+  assert study.validation_curve(tmp_path / "nothing") == []

@@ -58,6 +58,7 @@ from hemijax.evaluation.subsets import AS_ACQUIRED, all_subsets, display_name, s
 MARKER = "study.json"
 EVAL_FOLDER = "study_eval"
 REPORT = "report"
+VALIDATION_PLOT = "validation_curves.png"
 DEFAULT_METRICS = ("dice", "hd95", "assd")
 METRIC_DISPLAY = {"dice": "Dice", "hd95": "HD95 (mm)", "assd": "ASSD (mm)",
                   "sensitivity": "Sensitivity", "precision": "Precision"}
@@ -254,6 +255,35 @@ def fingerprint(config) -> str:
 
 def run_dir(workdir, run_name: str, seed: int) -> pathlib.Path:
   return pathlib.Path(workdir) / "runs" / run_name / f"seed{seed}"
+
+
+# A run has levelled off when its best validation score rose by less than PLATEAU_GAIN over the
+# last PLATEAU_TAIL of its validated steps (the issue asks for budgets where validation levelled).
+PLATEAU_TAIL = 0.25
+PLATEAU_GAIN = 0.01
+VALIDATION_SCORE = "val_score"  # hemijax.training.checkpoints.BEST_METRIC, what "best" picks
+
+
+def validation_curve(folder) -> list[list[float]]:
+  """[[step, validation score], ...] of a run, from its metrics.jsonl (empty if none)."""
+  path = pathlib.Path(folder) / "metrics.jsonl"
+  if not path.is_file():
+    return []
+  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [[int(r["step"]), float(r[VALIDATION_SCORE])] for r in records
+          if r.get("split") == "val" and r.get(VALIDATION_SCORE) is not None]
+
+
+def plateau_gain(curve, tail: float = PLATEAU_TAIL) -> float | None:
+  """How much the best validation score rose during the last `tail` of the run's steps: the best
+  score overall minus the best one before the tail. None without a score before the tail."""
+  if not curve:
+    return None
+  last = curve[-1][0]
+  before = [score for step, score in curve if step <= (1.0 - tail) * last]
+  if not before:
+    return None
+  return max(score for _, score in curve) - max(before)
 
 
 def evaluations_of(study: Study, run: Run) -> list[Evaluation]:
@@ -582,6 +612,8 @@ def build_results(study: Study, workdir, *, command=None) -> dict:
         seeds[str(seed)] = {k: marker.get(k) for k in (
             "trained", "train_wall_s", "train_attempts", "trained_at", "commit")}
         seeds[str(seed)]["evaluations"] = marker.get("evaluations", {})
+        curve = validation_curve(run_dir(workdir, run.name, seed))
+        seeds[str(seed)].update(validation=curve, plateau_gain=plateau_gain(curve))
     runs.append({"name": run.name, "config": run.config, "preset": run.preset,
                  "overrides": run.overrides, "seeds": list(run.seeds), "finished": seeds})
   conventions = next((e.get("metric_conventions") for m in markers.values()
@@ -604,6 +636,9 @@ def render_report(study: Study, workdir, *, command=None) -> pathlib.Path:
       name = f"dice_by_present_{i}_{group['evaluation']}.png"
       plot_by_present(tmp / name, group, title=_group_title(group))
       plots[key] = name
+    if any(i.get("validation") for run in results["runs"] for i in run["finished"].values()):
+      plot_validation_curves(tmp / VALIDATION_PLOT, results["runs"])
+      plots["validation"] = VALIDATION_PLOT
     extras = _copy_extra_reports(results, workdir, tmp)
     # Not sorted: subsets and runs keep their table order.
     atomic.write_text(tmp / "report.json", json.dumps(
@@ -682,7 +717,7 @@ def report_markdown(results, plots=None, extras=()) -> str:
   if results["unfinished"]:
     lines += [f"**Not finished** (left out of every table): {', '.join(results['unfinished'])}.",
               ""]
-  lines += _claims_section(results["claims"]) + _runs_section(results)
+  lines += _claims_section(results["claims"]) + _runs_section(results, plots)
   for key, group in results["groups"].items():
     lines += _group_section(group, plots.get(key))
   if extras:
@@ -706,12 +741,15 @@ def _claims_section(claims) -> list[str]:
   return lines + [""]
 
 
-def _runs_section(results) -> list[str]:
+def _runs_section(results, plots=None) -> list[str]:
   lines = ["## Runs", "", "Training wall time: per seed, summed over attempts (an interrupted "
            "attempt counts; includes data loading and compilation). Evaluated checkpoint step per "
-           "seed.", "", _row(["run", "config", "overrides", "seeds finished", "training wall time",
-                              "evaluation wall time", "checkpoint steps"]),
-           _row([":-"] * 3 + ["-:"] * 4)]
+           "seed. Validation gain: per seed, how much the best validation score (mean Dice with "
+           f"all and with random modalities) rose over the last {PLATEAU_TAIL:.0%} of the run's "
+           f"steps; under {PLATEAU_GAIN} counts as levelled off (marked ✓).", "",
+           _row(["run", "config", "overrides", "seeds finished", "training wall time",
+                 "evaluation wall time", "checkpoint steps", "validation gain"]),
+           _row([":-"] * 3 + ["-:"] * 5)]
   for run in results["runs"]:
     done = {s: i for s, i in run["finished"].items() if i.get("trained")}
     overrides = ", ".join(f"`{k}={v!r}`" for k, v in run["overrides"].items()) or "–"
@@ -722,8 +760,17 @@ def _runs_section(results) -> list[str]:
         ", ".join(_duration(sum(e["wall_s"] for e in i["evaluations"].values()))
                   for i in done.values()) or "–",
         ", ".join(str(e.get("step")) for i in done.values() for e in i["evaluations"].values())
-        or "–"]))
+        or "–",
+        ", ".join(_gain(i.get("plateau_gain")) for i in done.values()) or "–"]))
+  if "validation" in (plots or {}):
+    lines += ["", f"![Validation score against step, one line per seed]({plots['validation']})"]
   return lines + [""]
+
+
+def _gain(gain) -> str:
+  if gain is None:
+    return "?"
+  return f"{gain:+.3f}" + (" ✓" if gain < PLATEAU_GAIN else "")
 
 
 def _group_section(group, plot) -> list[str]:
@@ -782,6 +829,30 @@ def _group_section(group, plot) -> list[str]:
       lines.append(_row([run] + [counts[r] for r in regions] + [f"**{sum(counts.values())}**"]))
     lines.append("")
   return lines
+
+
+def plot_validation_curves(path, runs):
+  """Validation score against step: one subplot per run, one line per seed."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  shown = [r for r in runs if any(i.get("validation") for i in r["finished"].values())]
+  cols = min(4, len(shown))
+  rows = -(-len(shown) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+  for ax, run in zip(axes.flat, shown):
+    for seed, info in run["finished"].items():
+      curve = np.asarray(info.get("validation") or [], float).reshape(-1, 2)
+      ax.plot(curve[:, 0], curve[:, 1], marker=".", label=f"seed {seed}")
+    ax.set(title=run["name"], xlabel="step", ylabel="validation score", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+  for ax in list(axes.flat)[len(shown):]:
+    ax.set_axis_off()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 def plot_by_present(path, group, title=""):
