@@ -2,6 +2,8 @@ r"""HeMIS-3D with hemijax's convolution layer against flax.linen.Conv, measured 
 
   python benchmarks/bench_conv.py            # the issue's sizes (tens of minutes on 2 CPU cores)
   python benchmarks/bench_conv.py --quick    # small sizes, about a minute
+  python benchmarks/bench_conv.py --torch --skip-flax-vmap --impls auto,xla   # against PyTorch
+                                             # (eager and torch.compile; pip install -e ".[bench]")
 
 Network (issue 9): 4 per-modality back ends (conv 1->48, conv 48->48, ReLUs, 2x2x2 max-pool with
 stride 1), mean+variance fusion, conv 96->16, conv 16->4; kernels 3x3x3. Cases:
@@ -9,6 +11,9 @@ stride 1), mean+variance fusion, conv 96->16, conv 16->4; kernels 3x3x3. Cases:
 - `flax vmap` / `flax unrolled`: the network written with `flax.linen.Conv` and `flax.linen.max_pool`,
   back ends vmapped over stacked parameters (as HeMIS does) or unrolled as 4 separate modules.
 - `hemijax <impl>`: `hemijax.models.hemis.HeMIS(conv_impl=impl)`, back ends vmapped.
+- `torch eager` / `torch compile` (with --torch): the same network in PyTorch
+  (`benchmarks/torch_reference.py`, same parameter count, checked), its train step with
+  `torch.optim.SGD`; PyTorch's own threads (all CPUs). Peak memory is not measured for them ("–").
 
 Measures a training step (cross-entropy, gradients, SGD update; batch 2 x 4 modalities x 32^3)
 and inference (1 x 4 modalities x 96^3, the volume whole), alternating the cases round by round,
@@ -127,10 +132,11 @@ def format_table(rows: Sequence[dict], peak: float, baseline: str) -> str:
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for row in rows:
     gflops = row["flops"] / row["median"] / 1e9
+    memory = "–" if row["memory"] is None else f"{row['memory'] / 2**20:,.0f} MiB"
     lines.append(
         f"| {row['task']} | {row['case']} | {row['median']:.3f} | {row['min']:.3f} | "
         f"{base[row['task']] / row['median']:.2f}x | {row['voxels'] / row['median']:,.0f} | "
-        f"{gflops:.1f} | {gflops / peak:.0%} | {row['memory'] / 2**20:,.0f} MiB | "
+        f"{gflops:.1f} | {gflops / peak:.0%} | {memory} | "
         f"{row['cpu']:.2f} ({base_cpu[row['task']] / row['cpu']:.2f}x) |")
   return "\n".join(lines)
 
@@ -144,6 +150,11 @@ def main(argv=None):
   parser.add_argument("--tasks", default="train,inference", help="train and/or inference")
   parser.add_argument("--skip-flax-vmap", action="store_true",
                       help="leave out the slowest case (flax.linen.Conv with vmapped back ends)")
+  parser.add_argument("--torch", action="store_true",
+                      help="also time the network in PyTorch, eager and torch.compile")
+  parser.add_argument("--baseline", default=None,
+                      help="the case ratios are against (default: torch compile with --torch, "
+                           "else flax unrolled)")
   args = parser.parse_args(argv)
   train_size, infer_size, batch = (12, 24, 2) if args.quick else (32, 96, 2)
   repeats = args.repeats or (2 if args.quick else 3)
@@ -176,6 +187,22 @@ def main(argv=None):
       memory["train", name] = compiled_memory(step, *train_args)["peak"]
     if "inference" in args.tasks:
       memory["inference", name] = compiled_memory(infer, *infer_args)["peak"]
+  if args.torch:
+    import torch
+
+    from benchmarks import torch_reference
+    jax_params = sum(x.size for x in jax.tree.leaves(params))
+    if torch_reference.num_parameters() != jax_params:
+      raise SystemExit(f"torch reference has {torch_reference.num_parameters()} parameters, "
+                       f"hemijax {jax_params}: not the same network")
+    torch.set_num_threads(os.cpu_count())
+    torch_train, torch_infer = torch_reference.make_cases(
+        (batch,) + (train_size,) * 3, (1,) + (infer_size,) * 3)
+    train_cases.update(torch_train)
+    infer_cases.update(torch_infer)
+    memory.update({(task, name): None for task, cases_ in (("train", torch_train),
+                                                           ("inference", torch_infer))
+                   for name in cases_})
 
   log(f"float32 matmul peak ({jax.default_backend()}) ...")
   peak_before = matmul_peak_gflops()
@@ -198,7 +225,8 @@ def main(argv=None):
   print(f"train step: batch {batch} x {MODALITIES} modalities x {train_size}^3; inference: "
         f"1 x {MODALITIES} x {infer_size}^3; {repeats} rounds, cases alternated")
   print(f"float32 matmul peak (2048^2 jnp.dot, best of this run): {peak:.1f} GFLOP/s")
-  print(format_table(rows, peak, baseline="flax unrolled"))
+  baseline = args.baseline or ("torch compile" if args.torch else "flax unrolled")
+  print(format_table(rows, peak, baseline=baseline))
 
 
 if __name__ == "__main__":
