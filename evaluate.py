@@ -35,25 +35,21 @@ def main():
   parser.add_argument("--compare", nargs="*", default=(), metavar="OTHER_WORKDIR")
   parser.add_argument("--out", default=None)
   parser.add_argument("--step", default="best", help='"best", "latest" or a step number')
-  parser.add_argument("--hd95", default="directed_max", choices=("directed_max", "pooled"),
-                      help="HD95 definition (default directed_max: MONAI/BraTS)")
-  parser.add_argument("--empty-penalty", default="brats", choices=("brats", "image_diagonal"),
-                      help="HD95/ASSD when exactly one mask is empty (default brats: 373.13 mm)")
+  parser.add_argument("--hd95", default="directed_max", choices=("directed_max", "pooled"))
+  parser.add_argument("--empty-penalty", default="brats", choices=("brats", "image_diagonal"))
   parser.add_argument("--min-volume", nargs="*", default=(), metavar="REGION=MM3",
-                      help="a predicted region under this volume counts as empty for its score "
-                           "(BraTS post-processing of RFNet/mmFormer: ET=500)")
+                      help="post-processing (docs/metrics.md), e.g. ET=500")
   args = parser.parse_args()
 
   def run():
-    from hemijax.evaluation.evaluate import (checkpoint_step, evaluate_workdir,
-                                             parse_min_volume_option)
+    from hemijax.evaluation import evaluate as lib
 
     options = dict(hd95_convention=args.hd95, empty_penalty=args.empty_penalty,
-                   min_region_volume_mm3=parse_min_volume_option(args.min_volume))
-    summary = evaluate_workdir(args.workdir, data=args.data, layout=args.layout,
-                               split=args.split, subsets=args.subsets, out=args.out,
-                               compare=args.compare, step=checkpoint_step(args.step),
-                               metric_options=options)
+                   min_region_volume_mm3=lib.parse_min_volume_option(args.min_volume))
+    summary = lib.evaluate_workdir(args.workdir, data=args.data, layout=args.layout,
+                                   split=args.split, subsets=args.subsets, out=args.out,
+                                   compare=args.compare, step=lib.checkpoint_step(args.step),
+                                   metric_options=options)
     for report in summary["reports"]:  # the summary, the method's own reports, the comparison
       print(open(report).read())
 

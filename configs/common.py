@@ -8,7 +8,7 @@ from typing import Callable
 
 import ml_collections
 
-from hemijax.data.tasks import get_task
+from hemijax.data.tasks import AUTO, get_task
 from hemijax.nn import augment
 
 PRESETS = ("paper", "demo", "smoke")
@@ -21,8 +21,11 @@ def base_config(method: str, task: str, preset: str) -> ml_collections.ConfigDic
   config.method = method
   config.preset = preset
   config.seed = 0
+  # A built-in task, or "auto": the dataset's own (modalities, classes, regions), read from
+  # config.data.root when the run starts and recorded in task_spec and modalities.
   config.task = task
-  config.modalities = get_task(task).modalities   # model slots, in this order
+  config.task_spec = None
+  config.modalities = () if task == AUTO else get_task(task).modalities   # model slots, in order
 
   config.data = ml_collections.ConfigDict(dict(
       root=ml_collections.FieldReference(None, field_type=str),  # None: the built-in phantom
@@ -58,6 +61,14 @@ def base_config(method: str, task: str, preset: str) -> ml_collections.ConfigDic
       keep_checkpoints=2,
       patience=ml_collections.FieldReference(None, field_type=int),  # early stopping, in evals
       val_cases={"paper": 10, "demo": 4, "smoke": 1}[preset],
+      # Fine-tuning (hemijax.training.init_from): a new run starts from the variables of the run
+      # in this workdir (same method; per-modality parts matched by modality name, a new
+      # modality starts fresh); None: from scratch. Read when the run starts, never on resume.
+      init_from=ml_collections.FieldReference(None, field_type=str),
+      init_step="best",   # that run's checkpoint: best (as evaluation picks it), latest, or N
+      # Parameters or modules (top-level names, or paths like "frontend_0/kernel") that start
+      # fresh instead of being loaded, e.g. ("classifier",) for another number of classes.
+      init_reset=(),
   ))
   config.eval = ml_collections.ConfigDict(dict(
       roi_size=ml_collections.FieldReference(None, field_type=tuple),  # None: whole slice/volume

@@ -7,6 +7,13 @@ Presets: `paper` (36-layer residual classifier trained on batches of 64; HeMIS 4
 kernels, 21x21 final conv; 100x100 patches; Adam 3e-4, weight decay 1e-4; binary Dice loss;
 γ = 1e-4), `demo` (default; minutes on 2 CPU cores), `smoke` (seconds, for tests).
 
+Dice per example (`config.loss.dice_reduction="example"`, every preset): each example's Dice is
+computed on its own and the batch averages them. Pooled over the batch ("batch"), the Dice loss
+pushes an example that does not yet find its lesions towards predicting nothing whenever the rest
+of the batch is segmented well; where one scan fills one slot (variance channel 0: the hemis and
+hard variants) single-modality examples learned to predict nothing (Dice 0.000 on every
+single-modality subset). docs/methods.md (PIMMS) has the diagnosis and its numbers.
+
 Online variant: λ(i) = λ0 exp(-γ i) (`config.loss.class_weight`, `config.loss.class_weight_decay`).
 The paper's γ = 1e-4 is sized for its long runs: over the demo's 800 steps λ would never fall below
 exp(-0.08), so the demo scales γ to its run length, γ = 5 / train.num_steps (λ falls to exp(-5)
@@ -39,9 +46,12 @@ def preset_config(preset: str) -> ml_collections.ConfigDict:
       classifier_kernel=3,
       soft_availability="all"))   # soft mapping: every slot feeds the segmenter (Eq. 1)
   # Binary Dice loss; λ(i) = class_weight * exp(-class_weight_decay * i) weighs L_class (online).
+  # dice_reduction "example": one Dice per example, averaged over the batch (how NiftyNet reduces
+  # a segmentation loss); "batch" pools the batch, under which single-modality examples learned
+  # nothing (module docstring).
   config.loss = ml_collections.ConfigDict(dict(
       dice_weight=1.0, ce_weight=0.0, class_weights=None, class_weight=1.0,
-      class_weight_decay=1e-4))
+      class_weight_decay=1e-4, dice_reduction="example"))
   config.dropout = common.curriculum_dropout(2000, (0.5, 0.3, 0.2))
   config.optimizer = common.optimizer("adam", 3e-4, weight_decay=1e-4)
   # The offline classifier stage (variants soft and hard).

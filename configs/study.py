@@ -9,7 +9,7 @@ writes WORKDIR/report/ (report.md, report.json, Dice-by-present-modalities PNGs)
 re-renders its report in seconds. `--render_only` renders from the finished runs alone.
 
 Presets: `demo` (default: the methods of docs/results.md at their demo presets, 3 seeds for the
-2D tumour methods, 2 for the others, each scored on 40 unseen phantom subjects), `paper` (the same
+2D tumour methods, 2 for the others, each scored on 30 unseen phantom subjects), `paper` (the same
 runs at their paper presets), `smoke`
 (HeMIS and the U-Net at their smoke presets, 3 steps, 2 seeds: the whole pipeline in a few minutes
 on 2 cores).
@@ -18,7 +18,8 @@ Fields: `runs` (name, method config file, preset, config `overrides` as dotted f
 optional `seeds`), `seeds`, `reference` (run names: each group of runs evaluated on the same data
 is compared against the first of these it contains, else its first run), `evaluations` (name,
 split, `data` folder or None for each run's own data, `data_overrides`, optional `runs`), `step`
-(the checkpoint every evaluation uses), `overrides` (for every run), `metrics`, `metric_options`
+(the checkpoint every evaluation uses), `overrides` (for every run; a value "run:NAME" is run NAME's
+folder at the same seed), `metrics`, `metric_options`
 (HD95 convention, empty-mask penalty, ET post-processing; written into the report), and `claims` (the
 papers' claims as computed checks; kinds in hemijax/evaluation/claims.py; a claim whose runs are not
 in the study is reported as "not run").
@@ -27,7 +28,7 @@ import ml_collections
 
 PRESETS = ("paper", "demo", "smoke")
 TUMOUR_2D_SEEDS = (0, 1, 2)
-UNSEEN_SEED, UNSEEN_SUBJECTS = 1000, 40  # the evaluation phantom (never trained on)
+UNSEEN_SEED, UNSEEN_SUBJECTS = 1000, 30  # the evaluation phantom (never trained on)
 OTHER_SEEDS = (0, 1)
 
 # The papers' relative claims (HeMIS, modality dropout, URN, disentanglement, PIMMS, joint model).
@@ -76,7 +77,8 @@ def study_runs(preset: str) -> list[dict]:
       _run("hemis", "hemis", preset, tumour),
       _run("unet", "unet", preset, tumour),
       _run("unet_dropout", "unet", f"{preset}_dropout", tumour),
-      _run("mlp_impute", "mlp_impute", preset, tumour),
+      # The HeMIS paper's two baselines share one network: the MLPs impute into this seed's U-Net.
+      _run("mlp_impute", "mlp_impute", preset, tumour, **{"impute.segmenter_from": "run:unet"}),
       _run("urn", "urn", preset, tumour, **{"pretrain.healthy_subjects": 0}),
       _run("urn_pooled", "urn", preset, tumour),
       _run("disentangle", "disentangle", preset, other),
@@ -102,9 +104,9 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   config.seeds = TUMOUR_2D_SEEDS
   # Each group of runs on the same data is compared against the first of these it holds.
   config.reference = ("hemis", "pimms_hemis", "joint")
-  # Every run is scored on 40 subjects it never saw: its task's built-in phantom generated with
+  # Every run is scored on 30 subjects it never saw: its task's built-in phantom generated with
   # another seed (the training phantom's own test split holds 6 cases, too few for paired tests).
-  config.evaluations = [dict(name="unseen40", split="all", data=None,
+  config.evaluations = [dict(name="unseen30", split="all", data=None,
                              data_overrides={"data.phantom_seed": UNSEEN_SEED,
                                              "data.phantom_subjects": UNSEEN_SUBJECTS})]
   config.step = "best"

@@ -46,3 +46,18 @@ def metrics_records(workdir) -> list[dict]:
   """The lines of a run's metrics.jsonl."""
   return [json.loads(line)
           for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def write_run(workdir, config, variables, step=5):
+  """A workdir as the training loop leaves it: config.json, an orbax checkpoint, best.json."""
+  from hemijax.training import checkpoints
+  workdir.mkdir(parents=True, exist_ok=True)
+  checkpoints.save_config(workdir, config)
+  variables = dict(variables)
+  params = variables.pop("params")
+  manager = checkpoints.make_manager(workdir)
+  checkpoints.save(manager, step, {"step": jnp.int32(step), "params": params,
+                                   "model_state": variables, "opt_state": ()})
+  manager.close()
+  checkpoints.record_best(workdir, step, 0.5)
+  return workdir

@@ -15,7 +15,7 @@ SPATIAL_ONLY = dict(ALL_OFF, flip_prob=0.5, flip_axes=(0, 1), rotate_prob=1.0, r
                     scale_prob=1.0, scale_range=(0.8, 1.2), elastic_prob=1.0, elastic_sigma=6.0,
                     elastic_magnitude=1.5)
 EVERYTHING = dict(SPATIAL_ONLY, intensity_prob=1.0, gamma_prob=1.0, noise_prob=1.0, bias_prob=1.0,
-                  blur_prob=1.0)
+                  blur_prob=1.0, remap_prob=1.0)
 AUGMENT_EVERYTHING = jax.jit(augment.make_augment(EVERYTHING))  # one compilation per shape
 
 
@@ -141,7 +141,8 @@ def test_modalities_untouched_and_absent_slots_exactly_zero(dims):
   assert np.all(np.isfinite(image))
 
 
-@pytest.mark.parametrize("dims", sorted(SHAPES))
+# 3D compiles a second (differentiated) augmentation program: slow; 2D runs the same code on CI.
+@pytest.mark.parametrize("dims", ["2d", pytest.param("3d", marks=pytest.mark.slow)])
 def test_gradients_through_the_augmented_image_are_finite(dims):
   batch = make_batch(dims)
   fn = augment.make_augment(EVERYTHING)
@@ -208,3 +209,35 @@ def test_train_step_without_augmentation_is_unchanged_and_with_it_differs():
       loss_fn, optimizer, 0, augment=augment.make_augment(EVERYTHING)))(state, batch)
   assert float(plain[1]["loss"]) == float(disabled[1]["loss"]) == float(no_op[1]["loss"])
   assert float(plain[1]["loss"]) != float(enabled[1]["loss"])
+
+
+def test_contrast_remap_is_monotone_keeps_the_range_and_changes_contrast():
+  """A random monotone piecewise-linear curve per modality: order and range kept, tissue contrast
+  changed; the same key gives the same curve; strength 0 is the identity."""
+  rng = np.random.default_rng(0)
+  image = jnp.asarray(rng.normal(size=(24, 24, 2)).astype(np.float32))
+  valid = jnp.ones((24, 24), bool)
+  slopes = jnp.asarray([[0.3, 1.7], [1.7, 0.3], [1.0, 1.0], [0.5, 1.5]], jnp.float32)
+  out = np.asarray(augment._remap(image, valid, slopes))
+  for m in range(2):
+    x, y = np.asarray(image[..., m]).ravel(), out[..., m].ravel()
+    order = np.argsort(x)
+    assert np.all(np.diff(y[order]) >= -1e-5)                     # monotone
+    assert y.min() == pytest.approx(x.min(), abs=1e-5) and y.max() == pytest.approx(x.max(), abs=1e-4)
+    assert np.abs(y - x).max() > 0.1                              # not the identity
+  # NumPy transcription: knots at i/K of the range, values the normalised cumulative slopes.
+  x = np.asarray(image[..., 0])
+  lo, hi = x.min(), x.max()
+  knots = np.concatenate([[0.0], np.cumsum(np.asarray(slopes[:, 0]))])
+  expected = lo + (hi - lo) * np.interp((x - lo) / (hi - lo), np.linspace(0, 1, 5), knots / knots[-1])
+  np.testing.assert_allclose(out[..., 0], expected, atol=1e-4)
+  same = augment._remap(image, valid, jnp.ones((4, 2)))
+  np.testing.assert_allclose(np.asarray(same), np.asarray(image), atol=1e-5)
+  cfg = dict(ALL_OFF, remap_prob=1.0)
+  batch = make_batch("2d")
+  a = augment.make_augment(cfg)(jax.random.key(3), batch)["image"]
+  b = augment.make_augment(cfg)(jax.random.key(3), batch)["image"]
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.allclose(np.asarray(a), batch["image"])
+  with pytest.raises(ValueError, match="config.augment.remap_strength"):
+    augment.make_augment(dict(cfg, remap_strength=1.0))

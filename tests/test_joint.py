@@ -8,6 +8,7 @@ import pytest
 
 from configs import joint as joint_config
 from hemijax.nn import losses
+from hemijax.data.tasks import get_task
 from hemijax.models import get_method, joint
 from model_helpers import metrics_records
 
@@ -111,6 +112,38 @@ def test_class_weights():
   np.testing.assert_allclose(WEIGHTS, [1 / 8, 1 / 8, 1 / 8, 1 / 8, 1 / 2])
   np.testing.assert_allclose(joint.class_weights(3, 1), [1 / 4, 1 / 2, 1 / 4])
   assert WEIGHTS.sum() == pytest.approx(1.0)
+  # Given weights are normalised to sum 1 (Eq. 6).
+  np.testing.assert_allclose(joint.class_weights(3, 2, (1.0, 1.0, 2.0)), [1 / 4, 1 / 4, 1 / 2])
+  for bad in ((1.0, 1.0), (1.0, -1.0, 1.0), (1.0, 1.0, 0.0), (0.0, 0.0, 1.0)):
+    with pytest.raises(ValueError, match=r"config\.loss\.class_weights"):
+      joint.class_weights(3, 2, bad)
+
+
+def test_paper_label_space_and_class_weights():
+  """The paper's label space (tissue6: six tissue classes, CSF outside the ventricles as
+  background) and ω = 1/16 per tissue class, 1/2 for the lesion, Σ ω = 1 (1/8 for background)."""
+  paper = joint_config.get_config("paper")
+  assert paper.task == "tissue6"
+  task = get_task("tissue6")
+  assert task.class_names == ("background", "wm", "gm", "basal_ganglia", "ventricles",
+                              "cerebellum", "brainstem", "lesion")
+  assert "csf" not in task.class_names and "csf" not in task.regions
+  lesion = task.class_names.index("lesion")
+  weights = joint.class_weights(task.num_classes, lesion, paper.loss.class_weights)
+  assert weights.sum() == pytest.approx(1.0)
+  assert weights[lesion] == pytest.approx(1 / 2) and weights[0] == pytest.approx(1 / 8)
+  np.testing.assert_allclose(np.delete(weights, [0, lesion]), 1 / 16)
+  # The model predicts the 8 classes; the loss runs on a tissue6 batch (labels 0..6, lesion 7).
+  config = smoke_config(task="tissue6", **{"loss.class_weights": tuple(paper.loss.class_weights)})
+  method = get_method(config)
+  assert method.num_classes == 8
+  batch = hand_batch()
+  batch["tissue"]["label"] = np.random.default_rng(1).integers(0, 7, (1, 6, 6, 6)).astype(np.int32)
+  params = numpy_variables(method.model, batch["image"], batch["modality_mask"])["params"]
+  loss, (metrics, _) = jax.jit(method.loss_fn)(params, {}, batch, jax.random.key(0), jnp.int32(9))
+  assert np.isfinite(float(loss)) and float(metrics["consistency_active"]) == 1
+  # L^t's weights: background + six tissue classes = 1/2 of the loss at most.
+  assert 0 < float(metrics["tissue_loss"]) <= 0.5 and 0 < float(metrics["lesion_loss"]) <= 0.5
 
 
 def random_probs(rng, shape):
@@ -322,6 +355,7 @@ def test_tissue_only_baseline_reads_t1_only():
 @pytest.mark.parametrize("change, needle", [
     ({"variant": "both"}, "config.variant"),
     ({"task": "wmh"}, "config.task"),
+    ({"loss.class_weights": (1.0, 2.0)}, "config.loss.class_weights"),
     ({"model.norm": "batch"}, "config.model.norm"),
     ({"model.modality_stages": 3}, "config.model.modality_stages"),
     ({"loss.consistency_weight": -1.0}, "config.loss.consistency_weight"),
@@ -336,7 +370,8 @@ def test_bad_config_is_one_clear_error(change, needle):
 def test_presets_build():
   for preset in ("paper", "demo", "smoke"):
     config = joint_config.get_config(preset)
-    assert config.task == "tissue" and config.data.phantom_lesions
+    assert config.task == ("tissue6" if preset == "paper" else "tissue")
+    assert config.data.phantom_lesions
     assert get_method(config).name == "joint"
   assert joint_config.get_config("paper").optimizer.learning_rate == 5e-3
   paper = joint_config.get_config("paper")

@@ -13,6 +13,7 @@ from hemijax.data import layouts
 from hemijax.data.__main__ import main as cli
 from hemijax.data.io import DataError
 from hemijax.data.layouts import CaseFiles, detect_layout, discover_cases, read_splits
+from hemijax.data.tasks import normalise_modality
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPE = (10, 9, 8)
@@ -135,16 +136,23 @@ def test_nnunet_layout_maps_channel_names(tmp_path):
 
 @pytest.mark.parametrize("name,expected", [("FLAIR", "flair"), ("T1", "t1"), ("T1Gd", "t1ce"),
                                            ("t1ce", "t1ce"), ("T1c", "t1ce"), ("T2", "t2"),
-                                           ("T2w", "t2"), ("t2-flair", "flair"), ("DWI", None)])
-def test_canonical_modality(name, expected):
-  assert layouts.canonical_modality(name) == expected
+                                           ("T2w", "t2"), ("t2-flair", "flair"), ("DWI", "dwi")])
+def test_layouts_normalise_modality_names_as_tasks_do(name, expected):
+  assert normalise_modality(name) == expected
 
 
-def test_nnunet_unknown_channel_name(tmp_path):
+def test_nnunet_channel_names_outside_brats_are_modalities(tmp_path):
   root = _nnunet(tmp_path, channels=("FLAIR", "DWI"))
-  with pytest.raises(DataError, match="DWI") as e:
+  cases = discover_cases(root)
+  assert list(cases[0].images) == ["flair", "dwi"]
+  assert cases[0].images["dwi"].name == "case0_0001.nii.gz"
+
+
+def test_nnunet_channel_name_that_is_not_a_name(tmp_path):
+  root = _nnunet(tmp_path, channels=("FLAIR", "T2*"))
+  with pytest.raises(DataError, match="'T2\\*' is not a modality name") as e:
     discover_cases(root)
-  assert str(root / "dataset.json") in str(e.value)
+  assert str(root / "dataset.json") in str(e.value) and "\n" not in str(e.value)
 
 
 def test_nnunet_v1_dataset_json(tmp_path):
@@ -152,7 +160,8 @@ def test_nnunet_v1_dataset_json(tmp_path):
   meta = {"modality": {"0": "T1", "1": "FLAIR"}, "labels": {"0": "background", "1": "lesion"}}
   (root / "dataset.json").write_text(json.dumps(meta))
   cases = discover_cases(root, "nnunet")
-  assert list(cases[0].images) == ["flair", "t1"]
+  assert list(cases[0].images) == ["t1", "flair"]  # the channels' order
+  assert list(discover_cases(root, "nnunet", ("flair", "t1"))[0].images) == ["flair", "t1"]
   assert layouts.dataset_label_values(root) == (0, 1)
 
 
@@ -189,12 +198,22 @@ def test_manifest_json_with_upper_case_columns(tmp_path):
   assert list(cases[0].images) == ["flair", "t1ce"]
 
 
-def test_manifest_unknown_column(tmp_path):
+def test_manifest_columns_outside_brats_are_modalities(tmp_path):
   rows = _manifest_files(tmp_path)
   for r in rows:
-    r["pd"] = r["t1"]
+    r["PD"] = r["t1"]
+  _write_csv(tmp_path / "manifest.csv", rows)
+  cases = discover_cases(tmp_path)
+  assert list(cases[0].images) == ["flair", "t1", "t1ce", "t2", "pd"]
+  assert list(discover_cases(tmp_path, modalities=("pd", "t2"))[0].images) == ["pd", "t2"]
+
+
+def test_manifest_column_that_is_not_a_modality_name(tmp_path):
+  rows = _manifest_files(tmp_path)
+  for r in rows:
+    r["age (years)"] = "54"
   path = _write_csv(tmp_path / "manifest.csv", rows)
-  with pytest.raises(DataError, match="'pd'") as e:
+  with pytest.raises(DataError, match="'age \\(years\\)'") as e:
     discover_cases(tmp_path)
   assert str(path) in str(e.value)
 
@@ -247,8 +266,25 @@ def test_unknown_modality_in_file_name(tmp_path):
 
 def test_unknown_modality_option(tmp_path):
   root = _brats(tmp_path, n=1)
-  with pytest.raises(DataError, match="modalities.*'pd'"):
-    discover_cases(root, modalities=("t1", "pd"))
+  with pytest.raises(DataError, match="modalities.*'T2 star'"):
+    discover_cases(root, modalities=("t1", "T2 star"))
+  with pytest.raises(DataError, match="duplicate"):
+    discover_cases(root, modalities=("t1ce", "T1Gd"))
+  # A name the dataset lacks is looked for like any other: no case has it.
+  with pytest.raises(DataError, match="no image file for any of the modalities pd"):
+    discover_cases(root, modalities=("pd",))
+
+
+def test_brats_suffixes_the_task_file_declares(tmp_path):
+  root = _brats(tmp_path, n=2)
+  for i in range(2):
+    _save(root / f"BraTS20_{i:03d}" / f"BraTS20_{i:03d}_pd.nii.gz", _image())
+  with pytest.raises(DataError, match="unknown modality 'pd'.*hemijax_task.json"):
+    discover_cases(root)
+  (root / "hemijax_task.json").write_text(json.dumps({"modalities": ["T2", "PD"]}))
+  cases = discover_cases(root)
+  assert list(cases[0].images) == ["t2", "pd"]  # the task file's, in its order
+  assert list(discover_cases(root, modalities=("flair", "pd"))[1].images) == ["flair", "pd"]
 
 
 def test_read_splits(tmp_path):

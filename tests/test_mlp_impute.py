@@ -8,10 +8,13 @@ import numpy as np
 import optax
 import pytest
 
+from configs import hemis as hemis_config
 from configs import mlp_impute as mlp_config
+from configs import unet as unet_config
 from hemijax.models import get_method
 from hemijax.models import mlp_impute as mi
-from model_helpers import jit_apply, metrics_records, quick_init, smoke_training_config
+from model_helpers import (jit_apply, metrics_records, quick_init, smoke_training_config,
+                           write_run)
 
 M = 4
 # conv_impl "xla": the fastest to compile (the lowerings are compared in the layers tests).
@@ -196,3 +199,148 @@ def test_paper_preset_uses_the_papers_mlps():
   config = mlp_config.get_config("paper")
   assert config.impute.per_modality and tuple(config.impute.hidden) == (100, 100)
   assert not mlp_config.get_config("demo").impute.per_modality
+
+
+# One network for both baselines: the MLPs impute into the mean-filling U-Net of a `unet` run.
+
+def unet_variables(config, seed=0):
+  """A `unet` model's variables drawn with NumPy, batch statistics too (so that carrying them
+  over is visible)."""
+  method = get_method(config)
+  m = len(config.modalities)
+  image = jnp.zeros((1,) + tuple(config.data.patch_size) + (m,))
+  variables = quick_init(method.model, image, jnp.ones((1, m), bool), train=False, seed=seed)
+  rng = np.random.default_rng(seed + 100)
+  variables["batch_stats"] = jax.tree.map(
+      lambda x: jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype), variables["batch_stats"])
+  return method, variables
+
+
+def all_modality_logits(workdir, image):
+  """A workdir's best checkpoint (evaluation's policy) on `image` with every modality present."""
+  from hemijax.inference.predictor import load_run
+  _, method, variables = load_run(workdir, step="best")
+  mask = jnp.ones((image.shape[0], image.shape[-1]), bool)
+  return np.asarray(jax.jit(method.apply)(variables, image, mask))
+
+
+@pytest.fixture(scope="module")
+def unet_run(tmp_path_factory):
+  config = smoke_training_config(unet_config)
+  _, variables = unet_variables(config)
+  return write_run(tmp_path_factory.mktemp("runs") / "unet", config, variables, step=4), variables
+
+
+def mlp_from(segmenter_from):
+  config = smoke_training_config(mlp_config)
+  config.impute.segmenter_from = str(segmenter_from)
+  return config
+
+
+def test_segmenter_from_skips_stage_one_and_trains_only_the_mlps(unet_run):
+  source, _ = unet_run
+  method = get_method(mlp_from(source))
+  segmentation, imputation = method.training_stages(mlp_from(source))
+  assert segmentation.num_steps == 0 and imputation.num_steps == 3
+  assert imputation.trainable == ("imputer",)
+  (where,) = method.parameter_sources
+  assert (where.workdir, where.method, where.source_path, where.target_path, where.step) == (
+      str(source), "unet", ("unet",), ("segmenter",), "best")
+  own = get_method(smoke_training_config(mlp_config))   # smoke: no source, a U-Net of its own
+  assert own.parameter_sources == () and own.training_stages(mlp_config.get_config("smoke"))[
+      0].num_steps == 6
+  for preset, workdir in (("demo", "runs/unet"), ("paper", "runs/unet_paper")):
+    assert mlp_config.get_config(preset).impute.segmenter_from == workdir
+
+
+def test_segmenter_from_puts_the_unet_in_and_both_baselines_predict_the_same(unet_run):
+  from hemijax.training import init_from
+  source, trained = unet_run
+  config = mlp_from(source)
+  method = get_method(config)
+  image = jax.random.normal(jax.random.key(3), (2, 32, 32, M))
+  fresh = quick_init(method.model, image, jnp.ones((2, M), bool), train=False, seed=1)
+  variables, (record,) = init_from.start_variables(config, method, fresh)
+  for collection in ("params", "batch_stats"):
+    jax.tree.map(np.testing.assert_array_equal, variables[collection]["segmenter"],
+                 jax.tree.map(np.asarray, trained[collection]["unet"]))
+  jax.tree.map(np.testing.assert_array_equal, variables["params"]["imputer"],
+               jax.tree.map(np.asarray, fresh["params"]["imputer"]))
+  assert (record["option"], record["into"], record["from"], record["step"]) == (
+      "config.impute.segmenter_from", "segmenter", "unet", 4)
+  full = jnp.ones((2, M), bool)
+  unet_method = get_method(smoke_training_config(unet_config))
+  np.testing.assert_array_equal(jax.jit(method.apply)(variables, image, full),
+                                jax.jit(unet_method.apply)(trained, image, full))
+
+
+def test_a_segmenter_of_another_model_config_or_method_is_refused_in_one_line(unet_run, tmp_path):
+  from hemijax.training import checkpoints, init_from
+  source, _ = unet_run
+  config = mlp_from(source)
+  config.model.features = (4, 6)
+  with pytest.raises(init_from.InitFromError) as error:
+    init_from.check(config, get_method(config))
+  message = str(error.value)
+  assert "\n" not in message and f"config.impute.segmenter_from={source}" in message
+  assert "config.model differs" in message and "features" in message
+  with pytest.raises(init_from.InitFromError, match="no such run folder.*configs/unet.py:smoke"):
+    missing = mlp_from(tmp_path / "nowhere")
+    init_from.check(missing, get_method(missing))
+  hemis_run = tmp_path / "hemis"
+  checkpoints.save_config(hemis_run.mkdir() or hemis_run, smoke_training_config(hemis_config))
+  with pytest.raises(init_from.InitFromError, match="a 'hemis' run; this needs a 'unet' run"):
+    init_from.check(mlp_from(hemis_run), get_method(mlp_from(hemis_run)))
+  config = mlp_from(source)
+  config.model.conv_impl = "auto"   # how convolutions are computed: not what the weights mean
+  init_from.check(config, get_method(config))
+
+
+def test_the_training_loop_imputes_into_the_given_unet(unet_run, tmp_path):
+  """Stage 1 has 0 steps: the run starts from the U-Net run, trains the MLPs alone, validates
+  and checkpoints in stage 2; with every modality its predictions are the U-Net run's."""
+  from hemijax.inference.predictor import load_run
+  from hemijax.training import init_from, loop
+  source, _ = unet_run
+  config = mlp_from(source)
+  config.impute.num_steps = 2
+  loop.train(config, tmp_path, progress=False)
+  records = metrics_records(tmp_path)
+  assert [(r["step"], r["stage"]) for r in records if r["split"] == "train"] == [
+      (1, "imputation"), (2, "imputation")]
+  assert [r["step"] for r in records if r["split"] == "val"] == [2]
+  (record,) = init_from.read_record(tmp_path)["sources"]
+  assert record["source"] == str(source) and record["step"] == 4
+  _, _, variables = load_run(tmp_path, step="best")
+  _, _, unet_variables_ = load_run(source, step="best")
+  for collection in ("params", "batch_stats"):
+    jax.tree.map(np.testing.assert_array_equal, variables[collection]["segmenter"],
+                 unet_variables_[collection]["unet"])
+  image = jax.random.normal(jax.random.key(4), (2, 32, 32, M))
+  np.testing.assert_array_equal(all_modality_logits(tmp_path, image),
+                                all_modality_logits(source, image))
+
+
+@pytest.mark.slow
+def test_a_trained_unet_run_and_the_mlp_run_on_it_predict_the_same_with_every_modality(tmp_path):
+  """The paper's two baselines through train.py's loop: the U-Net trained, then the MLPs."""
+  from hemijax.training import loop
+  unet = smoke_training_config(unet_config)
+  unet.train.num_steps = 4   # evaluated at steps 3 and 4; the best one is used
+  loop.train(unet, tmp_path / "unet", progress=False)
+  config = mlp_from(tmp_path / "unet")
+  config.impute.num_steps = 2
+  loop.train(config, tmp_path / "mlp_impute", progress=False)
+  image = jax.random.normal(jax.random.key(5), (2, 32, 32, M))
+  np.testing.assert_array_equal(all_modality_logits(tmp_path / "mlp_impute", image),
+                                all_modality_logits(tmp_path / "unet", image))
+
+
+def test_no_step_to_train_is_refused_before_anything_is_written(unet_run, tmp_path):
+  from hemijax.training import loop
+  source, _ = unet_run
+  config = mlp_from(source)
+  config.impute.num_steps = 0   # and stage 1 has none: the U-Net comes from the source
+  with pytest.raises(ValueError, match="segmentation, imputation.*0 steps in all"):
+    loop.train(config, tmp_path / "never", progress=False)
+  assert not (tmp_path / "never").exists()

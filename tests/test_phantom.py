@@ -1,5 +1,6 @@
 """Built-in phantom: MR contrasts, labels, determinism, missing files, layouts, protocols, CLI."""
 import csv
+import hashlib
 import json
 import math
 import re
@@ -139,11 +140,91 @@ def test_generate_subject_errors():
   with pytest.raises(ValueError, match=r"--protocol.*\['default', 'heldout'\]"):
     phantom.generate_subject("tumor", 0, FAST, "siemens")
   with pytest.raises(ValueError, match="--modalities"):
-    phantom.generate_subject("tumor", 0, FAST, modalities=("t1", "pd"))
+    phantom.generate_subject("tumor", 0, FAST, modalities=("t1", "dwi"))
   with pytest.raises(ValueError, match="--spacing"):
     phantom.generate_subject("tumor", 0, 0.1)
   with pytest.raises(ValueError, match="--lesions"):
     phantom.generate_subject("tumor", 0, FAST, lesions=True)
+
+
+# Small subjects as the phantom drew them before the PD contrast and the tissue6 label space were
+# added (commit 6779c69): per modality the acquisition draws (TR, TE, TI, bias SD: straight from its
+# random stream, so any change of the streams shows) and the image mean (4 significant digits);
+# a hash of the label map (anatomy and lesion streams).
+EXISTING_SUBJECTS = [
+    (("tumor", 3, {}), {
+        "label": "d4d85206514a3b64",
+        "flair": [8245.127947302028, 136.90629849071541, 2448.741633381615, 0.09560354579131558, 355.2],
+        "t1": [638.2452302106676, 15.155992421805013, None, 0.14598601871506217, 112.9],
+        "t1ce": [594.9499844358438, 14.737905189829043, None, 0.14224212779668724, 67.12],
+        "t2": [4727.204953528097, 91.49936745599393, None, 0.08419456293706476, 84.74]}),
+    (("tissue", 3, {"lesions": True}), {
+        "label": "a428cc4a86509273",
+        "t1": [638.2452302106676, 15.155992421805013, None, 0.14598601871506217, 112.7],
+        "flair": [8245.127947302028, 136.90629849071541, 2448.741633381615, 0.09560354579131558, 354.7]}),
+    (("tumor", 3, {"protocol": "heldout", "modalities": ("t2", "t1ce")}), {
+        "label": "d4d85206514a3b64",
+        "t2": [3490.8819814112385, 72.78544319542597, None, 0.25129184440559715, 208.8],
+        "t1ce": [2162.3749610896093, 4.122984198304841, 857.2240960362267, 0.29846057565193823, 826.3]}),
+]
+
+
+def _fingerprint(subject):
+  out = {"label": hashlib.sha256(np.ascontiguousarray(subject["label"]).tobytes()).hexdigest()[:16]}
+  for m, image in subject["images"].items():
+    acq = subject["meta"]["acquisition"][m]
+    out[m] = [acq["TR"], acq["TE"], acq.get("TI"), acq["bias_sd"], float(f"{image.mean():.4g}")]
+  return out
+
+
+@pytest.mark.parametrize("args, expected", EXISTING_SUBJECTS)
+def test_existing_phantoms_are_unchanged(args, expected):
+  task, seed, kwargs = args
+  assert _fingerprint(phantom.generate_subject(task, seed, 8.0, **kwargs)) == expected
+
+
+def test_pd_contrast_is_an_extra_stream():
+  """PD: long-TR short-TE spin echo, so little T1 or T2 weighting. Asking for it leaves every
+  other image bit-identical."""
+  with_pd = phantom.generate_subject("tissue", 11, FAST, modalities=("flair", "t1", "t2", "pd"))
+  without = phantom.generate_subject("tissue", 11, FAST, modalities=("flair", "t1", "t2"))
+  for m in ("flair", "t1", "t2"):
+    np.testing.assert_array_equal(with_pd["images"][m], without["images"][m])
+  acq = with_pd["meta"]["acquisition"]["pd"]
+  assert acq["sequence"] == "se" and 2500 <= acq["TR"] <= 3500 and 10 <= acq["TE"] <= 20
+  # Pure tissues at the protocol's mid TR/TE: signal ranks GM > WM > CSF (TR << T1 of CSF),
+  # all within 40 % of each other.
+  seq = phantom.PROTOCOLS["default"].sequences["pd"]
+  pure = {t: phantom.mr_signal("se", p.pd, p.t1, p.t2, np.mean(seq.tr), np.mean(seq.te))
+          for t, p in phantom.TISSUES.items() if t in ("csf", "gm", "wm")}
+  assert pure["gm"] > pure["wm"] > pure["csf"] > pure["gm"] / 1.4, pure
+  # In the image (partial volume, bias, noise) PD's tissue means spread less than T1's or T2's:
+  # the point of a PD acquisition.
+  label = with_pd["label"]
+  def spread(m):
+    means = [float(with_pd["images"][m][label == k].mean()) for k in (1, 2, 3)]
+    return max(means) / min(means)
+  assert spread("pd") < 1.4 and spread("pd") < spread("t1") and spread("pd") < spread("t2")
+
+
+def test_tissue6_labels_the_papers_structures():
+  task = get_task("tissue6")
+  value = dict(zip(task.class_names, task.label_values))
+  subject = phantom.generate_subject("tissue6", 2, FAST, lesions=True)
+  label, affine = subject["label"], subject["affine"]
+  assert set(np.unique(label)) == set(task.label_values)
+  # Class centroids in MNI mm (+x/+y/+z = R/A/S): where the structures are.
+  def centroid(name):
+    return (affine @ np.r_[np.argwhere(label == value[name]).mean(0), 1.0])[:3]
+  deep, stem, cereb, vent = (centroid(n) for n in ("basal_ganglia", "brainstem", "cerebellum",
+                                                     "ventricles"))
+  assert abs(deep[0]) < 10 and abs(stem[0]) < 8 and abs(vent[0]) < 10 and abs(cereb[0]) < 10
+  assert cereb[1] < stem[1] < deep[1] and cereb[2] < deep[2] and stem[2] < deep[2]
+  # CSF outside the ventricles is background; GM and WM keep a tissue class.
+  tissue = phantom.generate_subject("tissue", 2, FAST, lesions=True)["label"]
+  assert set(np.unique(label[tissue == 1])) <= {0, value["ventricles"]}
+  assert np.all(label[(tissue == 2) | (tissue == 3)] != 0)
+  np.testing.assert_array_equal(label == value["lesion"], tissue == 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +400,23 @@ def test_cli_errors(tmp_path, argv, expected):
   message = _error(["--out", str(tmp_path / "x")] + argv)
   assert re.search(expected, message), message
   assert not (tmp_path / "x").exists()   # validated before anything is written
+
+
+def test_cli_pd_modality(tmp_path):
+  out = tmp_path / "pd"
+  assert phantom.main(["--task", "tumor", "--out", str(out), "--n-subjects", "1", "--spacing",
+                       str(FAST), "--layout", "nnunet", "--modalities", "flair,t1,t2,pd", "-q"]) == 0
+  meta = json.loads((out / "dataset.json").read_text())
+  assert meta["channel_names"] == {"0": "FLAIR", "1": "T1", "2": "T2", "3": "PD"}
+  assert (out / "imagesTr" / "Phantom_tumor_000_0003.nii.gz").is_file()
+  assert _record(out)["modalities"] == ["flair", "t1", "t2", "pd"]
+  rec = phantom.write_dataset(tmp_path / "m", "wmh", 1, 0, spacing=FAST, layout="manifest",
+                              modalities=("pd", "flair"))
+  assert rec["modalities"] == ["flair", "pd"]   # the task's order, then the extras
+  with open(tmp_path / "m" / "manifest.csv") as f:
+    header, row = list(csv.reader(f))
+  assert header == ["case_id", "flair", "t1", "t1ce", "t2", "pd", "label"]
+  assert row[5] == "cases/Phantom_wmh_000_pd.nii.gz" and row[2] == ""
 
 
 def test_cli_needs_out():

@@ -15,6 +15,7 @@ from hemijax.inference.predictor import Predictor
 from hemijax.data.tasks import get_task
 from hemijax.models import pimms
 from hemijax.models.hemis import HeMIS
+from hemijax.nn import losses
 from hemijax.training import loop
 from hemijax.training import stages as stages_lib
 from hemijax.training import step as step_lib
@@ -60,6 +61,77 @@ def scan_labels(batch, n):
 def apply(method, variables, image, mask, labels=None):
   kwargs = {"scan_modality": labels} if method.model.variant == "hemis" else {}
   return method.model.apply(variables, image, mask, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The segmentation loss: Dice per example (why single modalities learned nothing)
+
+
+def numpy_soft_dice_per_example(probs, labels, smooth=1e-5):
+  """1 - mean over examples and foreground classes of (2 sum p g + s) / (sum p + sum g + s)."""
+  dice = []
+  for p, y in zip(probs, labels):
+    for c in range(1, p.shape[-1]):
+      g = (y == c).astype(np.float64)
+      dice.append((2 * np.sum(p[..., c] * g) + smooth) / (np.sum(p[..., c]) + np.sum(g) + smooth))
+  return 1.0 - np.mean(dice)
+
+
+def test_per_example_dice_is_the_mean_of_each_examples_dice():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 5, 4, 3)).astype(np.float32)
+  labels = rng.integers(0, 3, size=(3, 5, 4))
+  labels[2] = 0   # an example without foreground scores 1 only if it predicts none
+  probs = np.asarray(jax.nn.softmax(logits, -1), np.float64)
+  got = losses.soft_dice(jnp.asarray(logits), jnp.asarray(labels), reduction="example")
+  np.testing.assert_allclose(got, numpy_soft_dice_per_example(probs, labels), rtol=1e-5)
+  pooled = losses.soft_dice(jnp.asarray(logits), jnp.asarray(labels))
+  assert abs(float(pooled) - float(got)) > 1e-3   # the default pools the batch: another number
+  with pytest.raises(ValueError, match="reduction"):
+    losses.soft_dice(jnp.asarray(logits), jnp.asarray(labels), reduction="case")
+
+
+def test_pooled_dice_pushes_an_undecided_example_to_predict_nothing():
+  """The mechanism behind PIMMS' empty single-modality predictions. Example 0 (all modalities) is
+  segmented well; example 1 (one modality) does not yet separate its lesions: p = 0.05 everywhere.
+  With Dice pooled over the batch, each of its background voxels is pushed down by 2 I / (P + G)^2
+  with the *batch's* intersection I, which example 0 makes large, while its lesion voxels are
+  pushed up by only 2 (P + G - I) / (P + G)^2: the net gradient lowers all of example 1's lesion
+  logits, towards predicting nothing. Per example, I, P and G are example 1's own (I about 0), so
+  its lesions are pushed up and it keeps learning."""
+  n, lesions = 100, 10
+  labels = np.zeros((2, n), np.int32)
+  labels[:, :lesions] = 1
+  p0 = np.where(labels[0] == 1, 0.9, 0.01)
+  logit = lambda p: np.log(p) - np.log1p(-p)
+  base = np.stack([logit(p0), np.full(n, logit(0.05))]).astype(np.float32)
+
+  def loss(offset, reduction):
+    # `offset` shifts example 1's lesion logit at every voxel.
+    lesion_logits = jnp.asarray(base).at[1].add(offset)
+    logits = jnp.stack([jnp.zeros_like(lesion_logits), lesion_logits], axis=-1)
+    return losses.soft_dice(logits, jnp.asarray(labels), reduction=reduction)
+
+  pooled = float(jax.grad(loss)(0.0, "batch"))
+  per_example = float(jax.grad(loss)(0.0, "example"))
+  assert pooled > 0 and per_example < 0, (pooled, per_example)
+  # NumPy: the sums over example 1's voxels, times dp/dz = p (1 - p), as in the docstring.
+  I = 0.9 * lesions + 0.05 * lesions
+  P = 0.9 * lesions + 0.01 * (n - lesions) + 0.05 * n
+  G = 2.0 * lesions
+  by_hand = ((n - lesions) * 2 * I - lesions * 2 * (P + G - I)) / (P + G) ** 2 * 0.05 * 0.95
+  np.testing.assert_allclose(pooled, by_hand, rtol=1e-4)
+
+
+def test_presets_use_per_example_dice():
+  """The fix: every PIMMS preset computes Dice per example (as NiftyNet averages its per-image
+  losses over the batch); the default of the shared loss stays pooled."""
+  for preset in ("paper", "demo", "smoke"):
+    assert pimms_config.get_config(preset).loss.dice_reduction == "example"
+  config = smoke_config("hemis")
+  config.loss.dice_reduction = "per_case"
+  with pytest.raises(ValueError, match=r"config\.loss\.dice_reduction"):
+    pimms.build(config)
 
 
 # ---------------------------------------------------------------------------------------------

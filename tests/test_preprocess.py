@@ -117,7 +117,7 @@ def test_empty_image_and_case_without_modality(tmp_path):
 def test_unknown_modality_and_bad_target_spacing(tmp_path):
   case = _case(tmp_path)
   with pytest.raises(DataError, match="modalities"):
-    preprocess_case(case, ("t1", "dwi"), LABELS)
+    preprocess_case(case, ("t1", "T2*"), LABELS)
   with pytest.raises(DataError, match="target_spacing"):
     preprocess_case(case, MODS, LABELS, target_spacing=-1.0)
 

@@ -432,3 +432,17 @@ def test_plateau_gain_of_validation_curves(tmp_path):
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
   assert study.validation_curve(tmp_path) == [[100, 0.25], [200, 0.5]]
   assert study.validation_curve(tmp_path / "nothing") == []
+
+
+def test_run_reference_overrides_resolve_per_seed(tmp_path):
+  """"run:NAME" is run NAME's folder at the same seed; it must name an earlier run."""
+  demo = study.parse_study(study_config.get_config("demo"), "demo")
+  config = study.method_config(demo, demo.run("mlp_impute"), 2, tmp_path)
+  assert config.impute.segmenter_from == str(tmp_path / "runs" / "unet" / "seed2")
+  config = study_config.get_config("smoke")
+  config.runs = [dict(name="m", config="configs/mlp_impute.py", preset="smoke",
+                      overrides={"impute.segmenter_from": "run:u"}),
+                 dict(name="u", config="configs/unet.py", preset="smoke")]
+  with pytest.raises(ValueError, match="override impute.segmenter_from='run:u' needs a run 'u' "
+                                       "listed before it"):
+    study.parse_study(config, "s.py")

@@ -291,6 +291,10 @@ def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path, cache_dir):
     (["--config=configs/hemis.py:dmeo"], "unknown preset 'dmeo'"),
     (["--config.train.num_steps=0"], "config.train.num_steps=0: must be a positive number"),
     (["--config.train.num_steps=-2"], "config.train.num_steps=-2: must be a positive number"),
+    (["--config.train.init_from=/nonexistent/run"],
+     "config.train.init_from=/nonexistent/run: no such run folder"),
+    (["--config.train.init_reset=classifier"],
+     "config.train.init_reset=('classifier',) without config.train.init_from"),
 ])
 def test_config_mistakes_are_one_line_and_write_nothing(tmp_path, cache_dir, args, needle):
   workdir = tmp_path / "never"

@@ -1,11 +1,14 @@
 """`python -m hemijax.data verify|cache`: dataset integrity check, and the preprocessed cache.
 
-  python -m hemijax.data verify --data DIR [--layout ...] [--task tumor] [--splits-file FILE]
+  python -m hemijax.data verify --data DIR [--layout ...] [--task tumor|wmh|tissue|auto]
+      [--modalities t2,pd] [--splits-file FILE]
   python -m hemijax.data cache [--dir DIR] [--clean [--older-than DAYS]]
 
 verify prints one `path: problem` line per problem and exits 1 if there is any; otherwise it
-prints a summary, how the label values pair with the task's (with --task) and which train/val/test
-split a training run will use, and exits 0.
+prints a summary, the task the dataset declares (--task auto: modalities, classes, regions from
+hemijax_task.json / dataset.json / the manifest's header; docs/data.md), how the label values
+pair with the task's (with --task) and which train/val/test split a training run will use, and
+exits 0.
 
 cache lists what the cache holds (preprocessed cases per dataset, generated phantoms) with sizes,
 and with --clean removes it (or only what was not used for DAYS days). The cache folder is
@@ -22,7 +25,7 @@ from hemijax.data import cache as cache_lib
 from hemijax.data.datasets import CACHE_ENV, default_cache_root
 from hemijax.data.io import DataError, one_line
 from hemijax.data.layouts import LAYOUTS
-from hemijax.data.tasks import KNOWN_MODALITIES, TASKS, check_modalities
+from hemijax.data.tasks import AUTO, TASKS, check_modalities
 from hemijax.data.verify import verify_dataset
 
 
@@ -57,11 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
   verify = sub.add_parser("verify", help="check that every file of a dataset opens and agrees")
   verify.add_argument("--data", required=True, help="dataset folder (or manifest .csv/.json)")
   verify.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS)
-  verify.add_argument("--task", choices=sorted(TASKS),
+  verify.add_argument("--task", choices=sorted(TASKS) + [AUTO],
                       help="take modalities from this task, and pair the dataset's label values "
-                           "(dataset.json 'labels') with the task's")
+                           "(dataset.json 'labels') with the task's; auto: the task the dataset "
+                           "declares (hemijax_task.json, dataset.json, manifest header)")
   verify.add_argument("--modalities", type=_modality_list,
-                      help=f"comma-separated subset of {','.join(KNOWN_MODALITIES)} (default: all)")
+                      help="comma-separated modality names, e.g. flair,t1 or t2,pd (default: the "
+                           "task's, else the dataset's: nnU-Net channels, manifest columns, BraTS "
+                           "suffixes and those hemijax_task.json declares)")
   verify.add_argument("--labels", type=_int_list,
                       help="allowed label values, e.g. 0,1,2,4 (default: the task's as the dataset "
                            "stores them, else dataset.json's, else BraTS's)")
@@ -80,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _verify(args) -> int:
   modalities = args.modalities
-  if args.task is not None:
-    modalities = modalities or TASKS[args.task].modalities
+  if args.task in TASKS:
+    modalities = modalities or TASKS[args.task].modalities  # auto: the dataset's, in verify
   try:
     report = verify_dataset(args.data, layout=args.layout, modalities=modalities,
                             label_values=args.labels, task=args.task,

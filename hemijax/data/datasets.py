@@ -8,7 +8,9 @@ workdir's config.json, so evaluate and predict find them the same way from any d
   seeded one written to WORKDIR/splits.json;
 - the voxel spacing the model trains at (config.data.target_spacing; when unset, the median
   spacing of the training cases), to which predict and evaluate resample every input;
-- the label values (`label_mapping`): the dataset's dataset.json `labels`, paired with the task's.
+- the label values (`label_mapping`): the dataset's dataset.json `labels`, paired with the task's;
+- the task itself for `config.task=auto` (`resolve_task`): modalities, classes and regions the
+  dataset declares, recorded as `config.task_spec` and `config.modalities`.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from nibabel import orientations
 from hemijax import atomic
 from hemijax.data import io, layouts, preprocess, splits as splits_lib
 from hemijax.data.labels import LabelMapping
-from hemijax.data.tasks import get_task
+from hemijax.data.tasks import AUTO, TASKS, Task, task_from_config
 
 CACHE_ENV = "HEMIJAX_CACHE"
 # Training spacings within this ratio of each other count as isotropic (one target_spacing).
@@ -92,7 +94,28 @@ def dataset_root(config) -> pathlib.Path:
     if not root.is_dir():
       raise ValueError(f"config.data.root: {root} is not a folder")
     return root
+  if config.task == AUTO:
+    raise ValueError("config.task=auto reads the task from config.data.root, which is not set; "
+                     f"give your dataset's folder, or a built-in task ({', '.join(TASKS)}) for "
+                     "the phantom")
   return ensure_phantom(config)
+
+
+def resolve_task(config) -> Task:
+  """The config's task; for `task=auto` read from the dataset (`layouts.dataset_task`) the first
+  time and recorded in `config` (`task_spec`, and `modalities`, the model's slots in the task's
+  order), so the model, the saved config.json, evaluate and predict all use it. A config that
+  already records its task (a saved run's) is kept as it is. Called before the model is built.
+  """
+  if config.task != AUTO or config.get("task_spec", None):
+    return task_from_config(config)
+  root = dataset_root(config)
+  task = layouts.dataset_task(root, _layout(config, None))
+  with config.unlocked():  # a config file without the field gains it
+    config.task_spec = task.to_dict()
+    config.modalities = tuple(task.modalities)
+  logging.info("task=auto: %s", task)
+  return task_from_config(config)
 
 
 def _layout(config, layout):
@@ -102,7 +125,7 @@ def _layout(config, layout):
 def label_mapping(config, root=None, layout=None) -> LabelMapping:
   """How the dataset's label values pair with the config's task (`layouts.dataset_label_mapping`)."""
   root = pathlib.Path(root) if root is not None else dataset_root(config)
-  return layouts.dataset_label_mapping(root, get_task(config.task), _layout(config, layout))
+  return layouts.dataset_label_mapping(root, task_from_config(config), _layout(config, layout))
 
 
 def split_choice(config, root=None, layout=None) -> splits_lib.SplitChoice:
@@ -156,10 +179,12 @@ def prepare_run(config, workdir) -> None:
     (seeded, stratified; `hemijax.data.splits`) or reused from an earlier start of this run; an
     explicit `data.splits_file` is made absolute;
   - `data.target_spacing`: if unset, the median voxel size of the training cases when it is
-    isotropic, so a model trained at 2 mm resamples a 1 mm input to 2 mm (and back).
+    isotropic, so a model trained at 2 mm resamples a 1 mm input to 2 mm (and back);
+  - `task_spec`, `modalities`: for `task=auto`, the task the dataset declares (`resolve_task`).
 
   Raises `DataError`/`ValueError` with one line on a dataset that cannot be trained on.
   """
+  resolve_task(config)
   _record(config, "cache_dir", str(cache_root(config)))
   root = dataset_root(config)
   layout = _layout(config, None)

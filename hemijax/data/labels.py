@@ -8,6 +8,8 @@ BraTS writes oedema 1, necrosis 2, enhancing 3 and declares them in dataset.json
 "enhancing tumor": [3]}`). Names are matched to the task's classes and regions (with the usual
 spellings), and each dataset value is paired with the task value that belongs to exactly the same
 named classes/regions. Anything that does not pair up one-to-one is refused, naming the file.
+
+The same declarations make a task for a dataset read with `task=auto` (`task_from_declaration`).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import re
 import numpy as np
 
 from hemijax.data.io import problem
-from hemijax.data.tasks import Task
+from hemijax.data.tasks import Task, check_task
 
 # Spellings of class and region names, compared after lower-casing and dropping everything but
 # letters and digits ('Non-enhancing tumor core' -> 'nonenhancingtumorcore').
@@ -195,3 +197,50 @@ def declared_values(declared: dict) -> tuple[int, ...]:
   """Every value a declaration allows in a label file (background 0 included)."""
   return tuple(sorted({v for values in declared.values() for v in values} | {0}))
 
+
+
+def task_from_declaration(name: str, modalities, declared: dict, regions: dict | None,
+                          where) -> Task:
+  """The task a dataset declares: `declared` labels ({name: (values...)}, `parse_declaration`'s)
+  and optional `regions` ({name: (values...)}, e.g. a task file's).
+
+  Classes are every declared value (and the background 0), in value order; a value's class name
+  is the name declared with that value alone (nnU-Net's `"edema": 2`), else `background` for 0 and
+  `label_<value>`. Evaluation regions: the `regions` given; else, when some label unites several
+  values (an nnU-Net v2 region label such as `"whole tumor": [1, 2, 3]`), every non-background
+  label, as nnU-Net's region-based training reads them; else each non-background class on its
+  own. DataError naming `where` for a declaration that makes no task.
+  """
+  values = sorted({v for vs in declared.values() for v in vs} | {0})
+  if values[0] < 0:
+    raise problem(where, f"labels: label values must be >= 0, got {values[0]}")
+  class_names = {0: "background"}
+  single = {}
+  for label, vs in declared.items():
+    if len(set(vs)) == 1:
+      value = vs[0]
+      if value in single:
+        raise problem(where, f"labels {single[value]!r} and {label!r} both name the value {value}")
+      single[value] = label
+      class_names[value] = label
+  names = tuple(class_names.get(v, f"label_{v}") for v in values)
+  if regions is None:
+    if any(len(set(vs)) > 1 for vs in declared.values()):
+      regions = {label: vs for label, vs in declared.items() if tuple(set(vs)) != (0,)}
+    else:
+      regions = {label: vs for label, vs in declared.items() if vs[0] != 0}
+  for label, vs in regions.items():
+    if 0 in vs:
+      raise problem(where, f"region {label!r}: holds the background value 0")
+    unknown = [v for v in vs if v not in values]
+    if unknown:
+      raise problem(where, f"region {label!r}: value(s) {unknown} are not among the labels "
+                           f"{values}")
+  task = Task(name=str(name), modalities=tuple(modalities), label_values=tuple(values),
+              class_names=names,
+              regions={str(k): tuple(sorted(set(int(v) for v in vs))) for k, vs in regions.items()})
+  try:
+    check_task(task, "labels")
+  except ValueError as e:
+    raise problem(where, str(e)) from None
+  return task

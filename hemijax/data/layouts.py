@@ -1,10 +1,16 @@
 """Finding the cases of a dataset on disk: BraTS 2018, BraTS 2020/2021, nnU-Net raw, manifest.
 
 Every layout is reduced to a list of `CaseFiles` (case id, modality -> file, label file). Modality
-names are the lower-case BraTS suffixes (`flair`, `t1`, `t1ce`, `t2`); nnU-Net channel names and
-manifest columns are mapped onto them. A missing modality file is not an error: the case simply
+names are normalised by `hemijax.data.tasks.normalise_modality` (FLAIR -> flair, T1Gd -> t1ce,
+PD -> pd, any other name lower-cased). The modalities of a dataset: nnU-Net's channel names,
+a manifest's columns, and for BraTS-style folders the four BraTS suffixes plus any that a task
+file (`hemijax_task.json`) declares. A missing modality file is not an error: the case simply
 lacks that key in `images`. Only opening directories and small text files happens here; image
 contents are checked in `preprocess.check_case`.
+
+The task a dataset declares (`dataset_task`, for `task=auto`): modalities, label values and
+names, evaluation regions, from `hemijax_task.json`, nnU-Net's dataset.json or a manifest's
+header (docs/data.md, "Your own task").
 """
 from __future__ import annotations
 
@@ -17,19 +23,11 @@ import re
 from hemijax.data import labels as labels_lib
 from hemijax.data.case_ids import check_case_id
 from hemijax.data.io import DataError, is_nifti, one_line, problem, strip_nifti_suffix
-from hemijax.data.tasks import KNOWN_MODALITIES, check_modalities
+from hemijax.data.tasks import KNOWN_MODALITIES, Task, check_modalities, normalise_modality
 
 LAYOUTS = ("brats2018", "brats", "nnunet", "manifest")
-
-# Spellings seen in BraTS releases, nnU-Net/MSD dataset.json files and manifests, compared after
-# lower-casing and dropping '-', '_', ' ' (so 'T1-Gd', 't1_ce' and 'T2 FLAIR' all match).
-MODALITY_ALIASES = {
-    "flair": "flair", "t2flair": "flair", "t2f": "flair",
-    "t1": "t1", "t1w": "t1", "t1n": "t1", "t1native": "t1",
-    "t1ce": "t1ce", "t1gd": "t1ce", "t1c": "t1ce", "t1wce": "t1ce", "t1post": "t1ce",
-    "t1contrast": "t1ce",
-    "t2": "t2", "t2w": "t2",
-}
+TASK_FILE = "hemijax_task.json"
+TASK_FILE_KEYS = ("name", "modalities", "labels", "regions")
 LABEL_SUFFIXES = ("seg", "segm", "label")
 MANIFEST_NAMES = ("manifest.csv", "manifest.json")
 CASE_ID_COLUMNS = ("case_id", "case", "subject_id", "subject", "id")
@@ -58,14 +56,18 @@ class CaseFiles:
     return list(self.images.values()) + ([self.label] if self.label is not None else [])
 
 
-def canonical_modality(name: str) -> str | None:
-  """Maps a channel/column/suffix name onto a KNOWN_MODALITIES name, or None if it is not one."""
-  return MODALITY_ALIASES.get(re.sub(r"[\s_\-]", "", str(name).strip().lower()))
+def _modality_or_none(name) -> str | None:
+  """`normalise_modality(name)`, or None if it is not a modality name."""
+  try:
+    return normalise_modality(name)
+  except ValueError:
+    return None
 
 
 def _requested_modalities(modalities):
+  """The modalities asked for (checked, normalised), or None: the dataset's own."""
   if modalities is None:
-    return KNOWN_MODALITIES
+    return None
   try:
     return check_modalities(modalities)
   except ValueError as e:
@@ -153,11 +155,11 @@ def _manifest_files_exist(path: pathlib.Path) -> bool:
   return bool(named) and all((path.parent / c).is_file() for c in named)
 
 
-def _looks_like_brats_case(folder: pathlib.Path) -> bool:
+def _looks_like_brats_case(folder: pathlib.Path, names) -> bool:
   for f in folder.iterdir():
     if is_nifti(f.name):
       suffix = strip_nifti_suffix(f.name).rsplit("_", 1)[-1]
-      if canonical_modality(suffix) or suffix.lower() in LABEL_SUFFIXES:
+      if _modality_or_none(suffix) in names or suffix.lower() in LABEL_SUFFIXES:
         return True
   return False
 
@@ -181,7 +183,8 @@ def detect_layout(root) -> str:
   lone = _lone_csv(root)
   if lone is not None and _manifest_files_exist(lone):
     return "manifest"
-  if any(_looks_like_brats_case(d) for d in _subdirs(root)):
+  names = set(KNOWN_MODALITIES) | set(_task_file_modalities(root) or ())
+  if any(_looks_like_brats_case(d, names) for d in _subdirs(root)):
     return "brats"
   if lone is not None and _has_case_id_column(lone):
     return "manifest"  # let discovery name what is wrong with it
@@ -193,7 +196,9 @@ def detect_layout(root) -> str:
 # BraTS 2018 (HGG/, LGG/) and BraTS 2020/2021 (<case>/<case>_<modality>.nii.gz)
 
 
-def _brats_case(folder: pathlib.Path, wanted, report) -> CaseFiles | None:
+def _brats_case(folder: pathlib.Path, wanted, known, report) -> CaseFiles | None:
+  """`wanted`: the modalities to take; `known`: further names of the dataset, skipped quietly
+  (any other suffix is reported: a typo, or a modality the task file should declare)."""
   case_id = folder.name
   images: dict[str, pathlib.Path] = {}
   label = None
@@ -209,12 +214,12 @@ def _brats_case(folder: pathlib.Path, wanted, report) -> CaseFiles | None:
         continue
       label = f
       continue
-    modality = canonical_modality(suffix)
-    if modality is None:
-      report(problem(f, f"unknown modality {suffix!r} in the file name; known: "
-                        f"{', '.join(KNOWN_MODALITIES)} (and 'seg' for the label)"))
-      continue
+    modality = _modality_or_none(suffix)
     if modality not in wanted:
+      if modality not in known:
+        report(problem(f, f"unknown modality {suffix!r} in the file name; known: "
+                          f"{', '.join(dict.fromkeys((*wanted, *known)))} (and 'seg' for the "
+                          f"label; declare other modalities in {TASK_FILE})"))
       continue
     if modality in images:
       report(problem(f, f"second {modality} file for case {case_id} (also {images[modality].name})"))
@@ -235,17 +240,28 @@ def _finish_case(case: CaseFiles, wanted, report) -> CaseFiles | None:
   return case
 
 
+def _brats_modalities(root: pathlib.Path) -> tuple[str, ...]:
+  """A BraTS-style dataset's modalities: its task file's, else the four BraTS ones."""
+  return _task_file_modalities(root) or KNOWN_MODALITIES
+
+
 def _discover_brats(root: pathlib.Path, wanted, report) -> list[CaseFiles]:
-  return [c for c in (_brats_case(d, wanted, report) for d in _subdirs(root)) if c is not None]
+  known = set(KNOWN_MODALITIES) | set(_brats_modalities(root))
+  wanted = wanted or _brats_modalities(root)
+  return [c for c in (_brats_case(d, wanted, known, report) for d in _subdirs(root))
+          if c is not None]
 
 
 def _discover_brats2018(root: pathlib.Path, wanted, report) -> list[CaseFiles]:
   grades = [root / g for g in ("HGG", "LGG") if (root / g).is_dir()]
   if not grades:
     raise problem(root, "BraTS 2018 layout needs an HGG/ or LGG/ folder")
+  known = set(KNOWN_MODALITIES) | set(_brats_modalities(root))
+  wanted = wanted or _brats_modalities(root)
   cases = []
   for grade in grades:
-    cases += [c for c in (_brats_case(d, wanted, report) for d in _subdirs(grade)) if c is not None]
+    cases += [c for c in (_brats_case(d, wanted, known, report) for d in _subdirs(grade))
+              if c is not None]
   return cases
 
 
@@ -267,8 +283,9 @@ def _read_json_object(path: pathlib.Path, missing="not found (an nnU-Net dataset
 
 
 def read_dataset_json(root) -> dict:
-  """Reads and checks an nnU-Net `dataset.json` -> {"channels": {index: modality}, "labels":
-  {name: (values...)} or None, "file_ending": str}; DataError naming dataset.json."""
+  """Reads and checks an nnU-Net `dataset.json` -> {"channels": {index: modality} (in index
+  order), "labels": {name: (values...)} or None, "file_ending": str, "name": str or None};
+  DataError naming dataset.json."""
   path = pathlib.Path(root) / "dataset.json"
   meta = _read_json_object(path)
   names = meta.get("channel_names", meta.get("modality"))  # v2, v1
@@ -280,21 +297,26 @@ def read_dataset_json(root) -> dict:
       index = int(key)
     except ValueError:
       raise problem(path, f"channel key {key!r} is not an integer") from None
-    modality = canonical_modality(name)
-    if modality is None:
-      raise problem(path, f"channel {key}: unknown modality name {name!r}; known: "
-                          f"{', '.join(KNOWN_MODALITIES)} (and spellings like FLAIR, T1, T1Gd, T2)")
+    if index in channels:
+      raise problem(path, f"channel {index} is declared twice")
+    try:
+      modality = normalise_modality(name, option=f"channel {key}")
+    except ValueError as e:
+      raise problem(path, str(e)) from None
     if modality in channels.values():
       raise problem(path, f"channel {key}: {name!r} maps to {modality}, which another channel has")
     channels[index] = modality
   labels = meta.get("labels")
-  return {"channels": channels,
+  name = meta.get("name")
+  return {"channels": dict(sorted(channels.items())),
           "labels": None if labels is None else labels_lib.parse_declaration(labels, path),
-          "file_ending": str(meta.get("file_ending", ".nii.gz"))}
+          "file_ending": str(meta.get("file_ending", ".nii.gz")),
+          "name": str(name) if isinstance(name, str) and name.strip() else None}
 
 
 def _discover_nnunet(root: pathlib.Path, wanted, report, include_test=False) -> list[CaseFiles]:
   meta = read_dataset_json(root)
+  wanted = wanted or tuple(meta["channels"].values())
   ending = meta["file_ending"]
   subsets = [("imagesTr", "labelsTr")] + ([("imagesTs", "labelsTs")] if include_test else [])
   found: dict[str, dict] = {}
@@ -378,9 +400,9 @@ def _manifest_columns(path, columns) -> tuple[str, str | None, dict[str, str]]:
     elif key in LABEL_COLUMNS and label_col is None:
       label_col = col
     else:
-      modality = canonical_modality(key)
+      modality = _modality_or_none(key)
       if modality is None:
-        raise problem(path, f"unknown column {col!r}: not a modality ({', '.join(KNOWN_MODALITIES)}), "
+        raise problem(path, f"column {col!r}: not a modality name (letters, digits, '-' or '_'), "
                             f"'case_id' or 'label'")
       if modality in modality_cols.values():
         raise problem(path, f"column {col!r} maps to {modality}, which another column has")
@@ -388,7 +410,7 @@ def _manifest_columns(path, columns) -> tuple[str, str | None, dict[str, str]]:
   if case_col is None:
     raise problem(path, "needs a 'case_id' column")
   if not modality_cols:
-    raise problem(path, f"has no modality column ({', '.join(KNOWN_MODALITIES)})")
+    raise problem(path, "has no modality column (one column per modality, named after it)")
   return case_col, label_col, modality_cols
 
 
@@ -405,6 +427,7 @@ def _discover_manifest(root: pathlib.Path, wanted, report) -> list[CaseFiles]:
     raise problem(path, "manifest lists no case")
   columns = list(dict.fromkeys(k for row in rows for k in row))
   case_col, label_col, modality_cols = _manifest_columns(path, columns)
+  wanted = wanted or tuple(modality_cols.values())
   base = path.parent
   cases = []
   for number, row in enumerate(rows, 1):
@@ -487,24 +510,94 @@ def discover_cases_and_problems(root, layout="auto", modalities=None, *, include
 def discover_cases(root, layout="auto", modalities=None, *, include_test=False) -> list[CaseFiles]:
   """Lists the cases under `root`, sorted by case id.
 
-  `modalities` restricts (and orders) the modalities looked for (default: all known). Raises
-  `DataError` naming the folder/file on an empty folder, an unknown modality name, a case without
-  any of the modalities, or an undetectable layout. nnU-Net test cases (imagesTs/) are included
-  only with `include_test`.
+  `modalities` restricts (and orders) the modalities looked for (default: every one the layout
+  names: nnU-Net's channels, a manifest's columns, for BraTS folders the task file's modalities,
+  else the four BraTS ones). Raises `DataError` naming the folder/file on an empty folder, an
+  unknown modality name, a case without any of the modalities, or an undetectable layout. nnU-Net
+  test cases (imagesTs/) are included only with `include_test`.
   """
   cases, _ = discover_cases_and_problems(root, layout, modalities, include_test=include_test)
   return cases
 
 
-def dataset_json_path(root) -> pathlib.Path:
+def _dataset_folder(root) -> pathlib.Path:
   root = pathlib.Path(root)
-  return (root.parent if root.is_file() else root) / "dataset.json"
+  return root.parent if root.is_file() else root  # a manifest: its folder
+
+
+def dataset_json_path(root) -> pathlib.Path:
+  return _dataset_folder(root) / "dataset.json"
+
+
+def task_file_path(root) -> pathlib.Path:
+  """Where a dataset's task file lies: `hemijax_task.json` in its folder (beside a manifest)."""
+  return _dataset_folder(root) / TASK_FILE
+
+
+def read_task_file(root) -> dict | None:
+  """The dataset's task file, checked, or None if it has none:
+  {"name": str, "modalities": (names...), "labels": {name: (values...)},
+  "regions": {name: (values...)}}, each key only where the file gives it. `labels` takes
+  dataset.json's forms (`labels.parse_declaration`); DataError naming the file otherwise."""
+  path = task_file_path(root)
+  if not path.is_file():
+    return None
+  meta = _read_json_object(path, expected='expected an object like {"modalities": ["t2", "pd"], '
+                                          '"labels": {"background": 0, "lesion": 1}}')
+  unknown = [k for k in meta if k not in TASK_FILE_KEYS]
+  if unknown:
+    raise problem(path, f"unknown key(s) {unknown}; a task file holds {', '.join(TASK_FILE_KEYS)}")
+  out = {}
+  if "name" in meta:
+    if not isinstance(meta["name"], str) or not meta["name"].strip():
+      raise problem(path, "'name' must be a non-empty string")
+    out["name"] = meta["name"].strip()
+  if "modalities" in meta:
+    names = meta["modalities"]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+      raise problem(path, "'modalities' must be a list of names like [\"t2\", \"pd\"]")
+    try:
+      out["modalities"] = check_modalities(names, option="modalities")
+    except ValueError as e:
+      raise problem(path, str(e)) from None
+  if "labels" in meta:
+    out["labels"] = labels_lib.parse_declaration(meta["labels"], path)
+  if "regions" in meta:
+    regions = meta["regions"]
+    if not isinstance(regions, dict) or not regions or not all(
+        isinstance(v, list) for v in regions.values()):
+      raise problem(path, "'regions' must be an object like {\"lesion\": [1]} (name: values)")
+    out["regions"] = labels_lib.parse_declaration(regions, path)
+  return out
+
+
+def _task_file_modalities(root) -> tuple[str, ...] | None:
+  return (read_task_file(root) or {}).get("modalities")
+
+
+def _layout_modalities(root, layout) -> tuple[str, ...]:
+  """The modalities the layout itself names: nnU-Net's channels (index order), a manifest's
+  modality columns (header order), the BraTS suffixes (and the task file's) for folders."""
+  if layout == "nnunet":
+    return tuple(read_dataset_json(root)["channels"].values())
+  if layout == "manifest":
+    path = _find_manifest(pathlib.Path(root))
+    if path is None:
+      raise problem(root, f"no manifest found ({' or '.join(MANIFEST_NAMES)})")
+    rows = _read_manifest_rows(path)
+    columns = list(dict.fromkeys(k for row in rows for k in row)) or _csv_header(path)
+    return tuple(_manifest_columns(path, columns)[2].values())
+  return _brats_modalities(_dataset_folder(root))
 
 
 def dataset_labels(root, layout="auto") -> dict[str, tuple[int, ...]] | None:
-  """The labels the dataset declares ({name: values}), or None: the `labels` of its dataset.json
-  (nnU-Net's, or one placed beside any other layout, e.g. for BraTS 2023's ET = 3)."""
+  """The labels the dataset declares ({name: values}), or None: the `labels` of its task file,
+  else of its dataset.json (nnU-Net's, or one placed beside any other layout, e.g. for BraTS
+  2023's ET = 3)."""
   root = pathlib.Path(root)
+  task_file = read_task_file(root)
+  if task_file and "labels" in task_file:
+    return task_file["labels"]
   if layout == "auto":
     layout = detect_layout(root)
   if layout == "nnunet":
@@ -514,6 +607,53 @@ def dataset_labels(root, layout="auto") -> dict[str, tuple[int, ...]] | None:
     return None
   labels = _read_json_object(path).get("labels")
   return None if labels is None else labels_lib.parse_declaration(labels, path)
+
+
+def _labels_source(root) -> pathlib.Path:
+  """The file whose `labels` `dataset_labels` reads (for messages)."""
+  task_file = read_task_file(root)
+  return task_file_path(root) if task_file and "labels" in task_file else dataset_json_path(root)
+
+
+def dataset_task(root, layout="auto") -> Task:
+  """The task a dataset declares (`task=auto`; docs/data.md, "Your own task").
+
+  - modalities: the task file's `modalities` (each one a channel/column of an nnU-Net dataset or a
+    manifest), else nnU-Net's channel names or the manifest's modality columns, in their order; a
+    BraTS-style folder needs the task file to name them;
+  - labels: the task file's `labels`, else dataset.json's (`dataset_labels`);
+  - regions: the task file's `regions`, else from the labels (`labels.task_from_declaration`);
+  - name: the task file's, else dataset.json's `name`, else the folder's name.
+  Raises `DataError` naming the file to add or fix.
+  """
+  root = _check_root(root)
+  if layout == "auto":
+    layout = detect_layout(root)
+  task_file = read_task_file(root) or {}
+  path = task_file_path(root)
+  own = None if layout in ("brats", "brats2018") else _layout_modalities(root, layout)
+  modalities = task_file.get("modalities")
+  if modalities is None:
+    if own is None:
+      raise problem(path, f"not found; a {layout}-layout dataset read with task=auto needs one "
+                          'naming its modalities, e.g. {"modalities": ["t2", "pd"], "labels": '
+                          '{"background": 0, "lesion": 1}}')
+    modalities = own
+  elif own is not None:
+    where = "channel names of dataset.json" if layout == "nnunet" else "manifest's columns"
+    missing = [m for m in modalities if m not in own]
+    if missing:
+      raise problem(path, f"modalities {missing} are not among the {where} {list(own)}")
+  declared = dataset_labels(root, layout)
+  if declared is None:
+    where = dataset_json_path(root) if layout == "nnunet" else path
+    raise problem(where, 'no labels declared for task=auto: add "labels" (e.g. {"background": 0, '
+                         f'"lesion": 1}}) to {TASK_FILE} or dataset.json')
+  name = (task_file.get("name") or
+          (read_dataset_json(root)["name"] if layout == "nnunet" else None) or
+          _dataset_folder(root).name)
+  return labels_lib.task_from_declaration(name, modalities, declared, task_file.get("regions"),
+                                          _labels_source(root))
 
 
 def dataset_label_values(root, layout="auto") -> tuple[int, ...] | None:
@@ -526,7 +666,7 @@ def dataset_label_mapping(root, task, layout="auto") -> labels_lib.LabelMapping:
   """How the dataset's label values pair with `task`'s (`labels.mapping_from_declaration`): the one
   mapping verify, training, predict and evaluate use to read labels and write predictions."""
   declared = dataset_labels(root, layout)
-  return labels_lib.mapping_from_declaration(task, declared, dataset_json_path(root))
+  return labels_lib.mapping_from_declaration(task, declared, _labels_source(root))
 
 
 def splits_path(root) -> pathlib.Path:

@@ -22,8 +22,8 @@ from hemijax import atomic
 from hemijax.data import datasets, io, layouts, preprocess
 from hemijax.data.case_ids import case_filename
 from hemijax.evaluation import metrics, plots, tables
-from hemijax.evaluation.subsets import (AS_ACQUIRED, all_subsets, applicable, held_modalities,
-                                        parse_subset, subset_key, subset_symbol)
+from hemijax.evaluation.subsets import (AS_ACQUIRED, all_subsets, applicable, default_subsets,
+                                        held_modalities, parse_subset, subset_key, subset_symbol)
 from hemijax.inference import sliding_window as inference
 from hemijax.inference.predictor import Predictor, checkpoint_step
 from hemijax.training import checkpoints
@@ -42,7 +42,7 @@ def parse_subsets_option(value: str, modalities) -> list[tuple[str, ...]]:
   """'all' or comma-separated subset keys such as 'flair+t1,t2' -> subsets (validated, each given
   once, in `all_subsets` order)."""
   if value in (None, "", "all"):
-    return all_subsets(modalities)
+    return default_subsets(modalities)
   subsets = {}
   for text in value.split(","):
     try:
@@ -132,7 +132,9 @@ def _compared_runs(workdir, others, saved: dict):
       other_saved = checkpoints.load_config_dict(other)
     except ValueError as e:
       raise ValueError(f"--compare: {e}") from None
-    if other_saved.get("task") != saved.get("task"):
+    # task=auto runs compare by the task they read (labels and regions), not by the word "auto".
+    if (other_saved.get("task"), other_saved.get("task_spec")) != (saved.get("task"),
+                                                                   saved.get("task_spec")):
       raise ValueError(f"--compare: {other} is a run of task {other_saved.get('task')!r}, not "
                        f"{saved.get('task')!r} as {workdir}; only runs of one task compare")
     if other_saved.get("modalities") != saved.get("modalities"):

@@ -137,6 +137,7 @@ def parse_study(config, source="study config") -> Study:
   names = [r.name for r in runs]
   if not runs or len(set(names)) != len(names):
     raise ValueError(f"{source}: runs must be non-empty with distinct names, got {names}")
+  _check_run_references(runs, source)
   references = _get(config, "reference", names[0])
   references = (references,) if isinstance(references, str) else tuple(references)
   if not set(references) & set(names):
@@ -239,14 +240,38 @@ def apply_overrides(config, overrides, where: str):
   return config
 
 
-def method_config(study: Study, run: Run, seed: int):
-  """The run's resolved method config for one seed."""
+# An override value "run:NAME" is the folder of run NAME at the same seed (e.g. MLP imputation
+# into the study's own mean-filling U-Net: impute.segmenter_from="run:unet").
+RUN_REFERENCE = "run:"
+
+
+def method_config(study: Study, run: Run, seed: int, workdir="."):
+  """The run's resolved method config for one seed (run references resolved under `workdir`)."""
   where = f"{study.source}: run {run.name!r}"
   config = _load_config_module(run.config, where).get_config(run.preset)
   apply_overrides(config, study.overrides, f"{study.source}: overrides ({run.name})")
-  apply_overrides(config, run.overrides, where)
+  overrides = {k: (str(run_dir(workdir, v[len(RUN_REFERENCE):], seed).absolute())
+                   if isinstance(v, str) and v.startswith(RUN_REFERENCE) else v)
+               for k, v in run.overrides.items()}
+  apply_overrides(config, overrides, where)
   config.seed = int(seed)
   return config
+
+
+def _check_run_references(runs, source):
+  """A "run:NAME" override names a run listed earlier (trained first) with the same seeds."""
+  for i, run in enumerate(runs):
+    for key, value in run.overrides.items():
+      if not (isinstance(value, str) and value.startswith(RUN_REFERENCE)):
+        continue
+      name = value[len(RUN_REFERENCE):]
+      earlier = {r.name: r for r in runs[:i]}
+      if name not in earlier:
+        raise ValueError(f"{source}: run {run.name!r}: override {key}={value!r} needs a run "
+                         f"{name!r} listed before it")
+      if not set(run.seeds) <= set(earlier[name].seeds):
+        raise ValueError(f"{source}: run {run.name!r}: override {key}={value!r}: run {name!r} "
+                         f"lacks seeds {sorted(set(run.seeds) - set(earlier[name].seeds))}")
 
 
 def fingerprint(config) -> str:
@@ -342,7 +367,7 @@ def ensure_finished(study: Study, run: Run, seed: int, workdir, *, progress=Fals
   """Trains (or resumes) and evaluates one run x seed unless its marker says it is done; returns
   the marker."""
   folder = run_dir(workdir, run.name, seed)
-  config = method_config(study, run, seed)
+  config = method_config(study, run, seed, workdir)
   fp = fingerprint(config)
   specs = {e.name: evaluation_spec(study, e, config) for e in evaluations_of(study, run)}
   marker = read_marker(folder)

@@ -7,6 +7,13 @@ order: ● present, ○ missing (HeMIS Table 3, URN, RFNet, mmFormer).
 Subset order (`all_subsets`): by number of present modalities ascending (single modalities first,
 the full set last), then lexicographic in model modality order (`itertools.combinations` order).
 
+Which subsets evaluation scores by default (`default_subsets`): all 2^M - 1 of them for up to
+`ALL_SUBSETS_MAX_MODALITIES` (6: 63 subsets) modalities. Above that the count doubles with each
+modality (and each subset is one more decode of every case), so the default is the subsets with
+1, 2, M - 1 and M modalities: each modality alone, each pair, each leave-one-out, and all of
+them (M = 8: 73 of 255; M = 10: 66 of 1023). Any other subset can still be asked for by name
+(evaluate.py --subsets).
+
 A case whose files lack some modalities is scored only on the subsets of the modalities it has
 (`applicable`), and once more "as acquired" (`AS_ACQUIRED`): with all the modalities it has, the
 number a clinician sees for that case.
@@ -20,6 +27,8 @@ MODALITY_DISPLAY = {"flair": "FLAIR", "t1": "T1", "t1ce": "T1ce", "t2": "T2"}
 # The `subset` value of the rows that score each case with every modality it has.
 AS_ACQUIRED = "as_acquired"
 AS_ACQUIRED_DISPLAY = "as acquired"
+# Up to this many modalities, evaluation scores every subset by default (`default_subsets`).
+ALL_SUBSETS_MAX_MODALITIES = 6
 
 
 def display_name(modality: str) -> str:
@@ -32,6 +41,18 @@ def all_subsets(modalities) -> list[tuple[str, ...]]:
   modalities = tuple(modalities)
   return [subset for size in range(1, len(modalities) + 1)
           for subset in itertools.combinations(modalities, size)]
+
+
+def default_subsets(modalities) -> list[tuple[str, ...]]:
+  """The subsets evaluation scores unless told otherwise (see the module docstring), in
+  `all_subsets` order: all of them up to ALL_SUBSETS_MAX_MODALITIES modalities, else those with
+  1, 2, M - 1 and M modalities."""
+  modalities = tuple(modalities)
+  m = len(modalities)
+  if m <= ALL_SUBSETS_MAX_MODALITIES:
+    return all_subsets(modalities)
+  sizes = sorted({1, 2, m - 1, m})
+  return [subset for size in sizes for subset in itertools.combinations(modalities, size)]
 
 
 def parse_subset(subset, modalities) -> tuple[str, ...]:

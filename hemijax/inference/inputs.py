@@ -1,7 +1,8 @@
 """What prediction accepts, checked once for the CLI and the Python API alike.
 
-- Modality names: any spelling the dataset layouts accept ('FLAIR', 'T1Gd', 't1_ce'), normalised to
-  the lower-case BraTS names (`hemijax.data.layouts.canonical_modality`) before the duplicate check.
+- Modality names: any spelling the dataset layouts accept ('FLAIR', 'T1Gd', 't1_ce', 'PD'),
+  normalised as theirs (`hemijax.data.tasks.normalise_modality`: the BraTS names' spellings onto
+  them, any other name lower-cased) before the duplicate check.
 - Affine: a finite 4x4 voxel-to-world matrix whose 3x3 part is not degenerate; it gives the voxel
   spacing that preprocessing resamples to, so it is required, never assumed.
 - Intensities: raw (or any scaling of) scanner intensities of skull-stripped scans, background
@@ -21,13 +22,13 @@ import nibabel as nib
 import numpy as np
 
 from hemijax.data.io import DataError, degenerate_affine
-from hemijax.data.layouts import canonical_modality
+from hemijax.data.tasks import normalise_modality
 
 
-def modality_name(name) -> str:
-  """'FLAIR' -> 'flair', 'T1Gd' -> 't1ce'; an unknown name is only lower-cased (so that the
-  model's check can name it)."""
-  return canonical_modality(name) or str(name).strip().lower()
+def modality_name(name, option: str = "--input") -> str:
+  """'FLAIR' -> 'flair', 'T1Gd' -> 't1ce', 'PD' -> 'pd' (`normalise_modality`; the model's check
+  names one it lacks); ValueError naming `option` for a name that is no modality name."""
+  return normalise_modality(name, option)
 
 
 def normalise_names(named: Mapping, option: str = "images") -> dict:
@@ -35,7 +36,7 @@ def normalise_names(named: Mapping, option: str = "images") -> dict:
   (t1= and T1=) are refused, naming `option`."""
   out = {}
   for name, value in named.items():
-    key = modality_name(name)
+    key = modality_name(name, option)
     if key in out:
       raise ValueError(f"{option}: modality {key!r} given twice")
     out[key] = value

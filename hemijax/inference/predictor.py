@@ -25,7 +25,7 @@ import numpy as np
 
 from hemijax.inference import inputs, sliding_window as inference
 from hemijax.data import preprocess
-from hemijax.data.tasks import check_modalities, get_task
+from hemijax.data.tasks import check_modalities, task_from_config
 from hemijax.models import get_method
 from hemijax.training import checkpoints
 
@@ -83,7 +83,7 @@ class Predictor:
   def __init__(self, workdir, step="best"):
     # `step`: the checkpoint step actually loaded (reports name it).
     self.config, self.method, self.variables, self.step = load_run(workdir, step, return_step=True)
-    self.task = get_task(self.config.task)
+    self.task = task_from_config(self.config)
     self.modalities = tuple(self.method.modalities)
     self.window = inference.WindowSettings.from_config(self.config)
     self._forward = inference.make_window_forward(self.method, self.variables)

@@ -64,6 +64,25 @@ class UnnamedInputs:
 
 
 @dataclasses.dataclass(frozen=True)
+class ParameterSource:
+  """A trained run whose variables a new run of this method starts from (a method's own option,
+  e.g. MLP imputation's `impute.segmenter_from`). When a run starts (never on resume) the training
+  loop restores the source's checkpoint (`step`: best, latest or a number, as evaluation picks
+  it), takes the subtree `source_path` of each of its variable collections and puts it at
+  `target_path` of this run's; the rest of this run's variables start as initialised. The source
+  must be a `method` run and agree with this run's config on the fields in `same`.
+  """
+  option: str                          # the config field naming the source, for messages
+  workdir: str
+  method: str                          # the method the source run must have trained
+  source_path: tuple[str, ...] = ()    # e.g. ("unet",): the source model's sub-module
+  target_path: tuple[str, ...] = ()    # e.g. ("segmenter",): where it goes in this model
+  same: tuple[str, ...] = ("task", "task_spec", "modalities", "model")
+  step: str | int = "best"
+  hint: str = ""                       # how to make the source, added to "no such run" errors
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
   name: str
   model: nn.Module
@@ -75,6 +94,9 @@ class Method:
   stages: tuple[Stage, ...] = ()  # empty: one stage of loss_fn with config.train/optimizer
   evaluators: tuple[Evaluator, ...] = ()   # reports evaluate.py adds beside segmentation
   unnamed_inputs: UnnamedInputs | None = None
+  # Runs whose parameters a new run starts from (its own options; config.train.init_from is the
+  # generic one): loaded by the training loop when the run starts, in this order.
+  parameter_sources: tuple[ParameterSource, ...] = ()
 
   def training_stages(self, config) -> tuple[Stage, ...]:
     if self.stages:
@@ -151,10 +173,11 @@ def settings_of(module: nn.Module, settings_cls) -> dict:
 
 def batch_segmentation_loss(logits, batch, loss_config):
   """`losses.segmentation_loss` against the batch's label (valid voxels only), with the weights
-  of `config.loss`: (loss, terms)."""
+  and Dice reduction of `config.loss`: (loss, terms)."""
   return losses.segmentation_loss(
       logits, batch["label"], batch.get("valid"), ce_weight=loss_config.ce_weight,
-      dice_weight=loss_config.dice_weight, class_weights=loss_config.get("class_weights"))
+      dice_weight=loss_config.dice_weight, class_weights=loss_config.get("class_weights"),
+      dice_reduction=loss_config.get("dice_reduction", "batch"))
 
 
 def modalities_kept(modality_mask):

@@ -29,7 +29,7 @@ from hemijax.nn import modality_dropout as dropout_lib
 from hemijax.nn import fusion
 from hemijax.nn import layers
 from hemijax.nn import losses
-from hemijax.data.tasks import get_task
+from hemijax.data.tasks import task_from_config
 from hemijax.models import base
 
 FUSIONS = ("gated", "mean")
@@ -392,7 +392,7 @@ def make_loss_fn(model: Disentangle, config):
 
 
 def build(config) -> base.Method:
-  task = get_task(config.task)
+  task = task_from_config(config)
   modalities = tuple(config.modalities)
   m = config.model
   if m.fusion not in FUSIONS:

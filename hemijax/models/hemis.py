@@ -27,7 +27,7 @@ from hemijax.nn import layers
 from hemijax.nn import losses
 from hemijax.nn import modality_dropout as dropout_lib
 from hemijax.data import sampling
-from hemijax.data.tasks import get_task
+from hemijax.data.tasks import task_from_config
 from hemijax.models import base
 
 
@@ -161,7 +161,7 @@ def training_stages(model: HeMIS, config) -> tuple[base.Stage, ...]:
 
 
 def build(config) -> base.Method:
-  task = get_task(config.task)
+  task = task_from_config(config)
   modalities = tuple(config.modalities)
   model = base.model_from_config(HeMIS, config.model, num_modalities=len(modalities),
                                  num_classes=task.num_classes)

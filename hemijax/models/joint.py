@@ -1,8 +1,9 @@
 """Joint lesion and tissue segmentation from task-specific hetero-modal datasets (Dorent et al., 2019).
 
 Two datasets, each annotated for one task and imaged with its own protocol, train one model that
-segments tissues and lesions in the label space of the `tissue` task (background, csf, gm, wm,
-lesion):
+segments tissues and lesions in the label space of `config.task`: `tissue` (background, csf, gm,
+wm, lesion) or the paper's `tissue6` (background, which holds the CSF outside the ventricles, wm,
+gm, basal ganglia, ventricles, cerebellum, brainstem, lesion); any task with a "lesion" class:
   * a tissue set of control scans: T1 only, labels background and tissue classes;
   * a lesion set: T1 + FLAIR, lesion labels only (other voxels carry no tissue label).
 
@@ -12,9 +13,10 @@ modality axis, applied with vmap) and is averaged over the available modalities 
 accepts T1 alone or T1 + FLAIR.
 
 Loss: the probabilistic Jaccard loss of the paper's Eq. 6, L = 1 - sum_c w_c J_c with
-J_c = sum g p / sum (g^2 + p^2 - g p) (`hemijax.nn.losses.probabilistic_jaccard`), w = 1/(2 n_tissue)
-per tissue class and 1/2 for the lesion class (sum 1), split into a tissue part L^t and a lesion
-part L^l. The empirical risk is
+J_c = sum g p / sum (g^2 + p^2 - g p) (`hemijax.nn.losses.probabilistic_jaccard`) and class weights
+w (`class_weights`: `config.loss.class_weights`, normalised to sum 1; by default 1/2 for the lesion
+and 1/(2 n_tissue) for each other class), split into a tissue part L^t and a lesion part L^l. The
+empirical risk is
   R^t_2 = L^t(h(T1), y^t)                on control scans (tissue labels),
   R^l   = L^l(h(T1, FLAIR), y^l)         on lesion scans (only the lesion class is scored),
   R^t_1 = L^t(h(T1, FLAIR), h(T1))       on lesion scans: the inter-modality consistency term that
@@ -44,14 +46,14 @@ from hemijax.nn import fusion
 from hemijax.nn import layers
 from hemijax.nn import losses
 from hemijax.data import datasets, sampling
-from hemijax.data.tasks import get_task
+from hemijax.data.tasks import get_task, task_from_config
 from hemijax.models import base
 
 VARIANTS = ("joint", "tissue_only", "lesion_only")
 NORMS = ("instance", "none")
 # Logit of a class the head does not predict (task-specific baselines): softmax gives it 0.
 ABSENT_LOGIT = -1e4
-JOINT_TASK = "tissue"      # the joint label space
+LESION_CLASS = "lesion"    # the class of the joint label space (config.task) the lesion set labels
 LESION_SET_TASK = "wmh"    # the lesion dataset's task (label 1 = lesion)
 SETS = ("tissue", "lesion")
 
@@ -217,12 +219,27 @@ class HeteroModalHighResNet(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Loss
 
-def class_weights(num_classes: int, lesion_class: int) -> np.ndarray:
-  """w_c = 1 / (2 n_tissue) for each tissue class (background included), 1/2 for the lesion."""
-  n_tissue = num_classes - 1
-  weights = np.full(num_classes, 1.0 / (2 * n_tissue), np.float32)
-  weights[lesion_class] = 0.5
-  return weights
+def class_weights(num_classes: int, lesion_class: int, weights=None) -> np.ndarray:
+  """The class weights w_c of Eq. 6, normalised to sum 1.
+
+  `weights` (one per class, in the task's class order; `config.loss.class_weights`) is
+  normalised; None: 1/2 for the lesion and 1 / (2 n_tissue) for each other class (background
+  included). The paper's ω (1/16 per tissue class, 1/2 for the lesion; `configs/joint.py` paper
+  preset) is such a list.
+  """
+  if weights is None:
+    n_tissue = num_classes - 1
+    out = np.full(num_classes, 1.0 / (2 * n_tissue), np.float32)
+    out[lesion_class] = 0.5
+    return out
+  out = np.asarray(weights, np.float64)
+  if out.shape != (num_classes,) or not np.all(np.isfinite(out)) or np.any(out < 0):
+    raise ValueError(f"config.loss.class_weights: needs {num_classes} non-negative weights (one "
+                     f"per class of the task), got {tuple(np.ravel(weights))}")
+  if out[lesion_class] <= 0 or out.sum() - out[lesion_class] <= 0:
+    raise ValueError("config.loss.class_weights: the lesion and at least one tissue class need a "
+                     f"positive weight, got {tuple(out)}")
+  return (out / out.sum()).astype(np.float32)
 
 
 def tissue_term(probs, labels, valid, weights, lesion_class, form="eq6"):
@@ -268,9 +285,10 @@ def tissue_protocol_slots(config) -> np.ndarray:
 
 def make_loss_fn(model: nn.Module, config) -> base.LossFn:
   """The variant's loss: R^t_2 + R^l + consistency_weight * [step >= consistency_start] R^t_1."""
-  task = get_task(config.task)
-  lesion_class = task.class_names.index("lesion")
-  weights = jnp.asarray(class_weights(task.num_classes, lesion_class))
+  task = task_from_config(config)
+  lesion_class = task.class_names.index(LESION_CLASS)
+  weights = jnp.asarray(class_weights(task.num_classes, lesion_class,
+                                      config.loss.get("class_weights", None)))
   sets = variant_sets(config.variant)
   lc = config.loss
   use_consistency = config.variant == "joint" and lc.consistency_weight > 0
@@ -335,7 +353,9 @@ def set_config(config, which: str):
   spec = config.data[f"{which}_set"]
   cfg = copy.deepcopy(config)
   with cfg.unlocked():
-    cfg.task = JOINT_TASK if which == "tissue" else LESION_SET_TASK
+    # The tissue set is labelled in the joint label space (without lesions), the lesion set in
+    # the lesion task's.
+    cfg.task = config.task if which == "tissue" else LESION_SET_TASK
     cfg.data.root = spec.get("root", None)
     cfg.data.phantom_subjects = int(spec.subjects)
     cfg.data.phantom_seed = int(spec.seed)
@@ -394,9 +414,14 @@ def make_batches(config, load_split):
 
 def check_config(config) -> None:
   """One-line errors naming the option for settings this method cannot use."""
-  if config.task != JOINT_TASK:
-    raise ValueError(f"config.task: the joint model uses the {JOINT_TASK!r} label space, "
+  task = task_from_config(config)
+  if (LESION_CLASS not in task.class_names or task.class_names.index(LESION_CLASS) == 0
+      or task.num_classes < 3):
+    raise ValueError(f"config.task: the joint model needs a label space with tissue classes and a "
+                     f"{LESION_CLASS!r} class besides the background (e.g. tissue, tissue6), "
                      f"got {config.task!r}")
+  class_weights(task.num_classes, task.class_names.index(LESION_CLASS),
+                config.loss.get("class_weights", None))
   if config.variant not in VARIANTS:
     raise ValueError(f"config.variant: unknown variant {config.variant!r}; choose one of {VARIANTS}")
   m = config.model
@@ -430,8 +455,8 @@ def check_config(config) -> None:
 
 def head_classes(config) -> tuple[int, ...] | None:
   """The classes the variant's head predicts (None: all of the joint label space)."""
-  task = get_task(config.task)
-  lesion_class = task.class_names.index("lesion")
+  task = task_from_config(config)
+  lesion_class = task.class_names.index(LESION_CLASS)
   if config.variant == "tissue_only":
     return tuple(c for c in range(task.num_classes) if c != lesion_class)
   if config.variant == "lesion_only":
@@ -448,7 +473,7 @@ def input_slots(config) -> tuple[bool, ...] | None:
 
 def build(config) -> base.Method:
   check_config(config)
-  task = get_task(config.task)
+  task = task_from_config(config)
   modalities = tuple(config.modalities)
   model = base.model_from_config(HeteroModalHighResNet, config.model,
                                  num_modalities=len(modalities), num_classes=task.num_classes,

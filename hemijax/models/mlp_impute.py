@@ -7,7 +7,14 @@ missing intensities from the available ones. The segmentation U-Net is trained o
 
 Training is two `Stage`s: (1) the U-Net on full data; (2) all pattern MLPs at once, their
 parameters stacked on a leading pattern axis and trained in one vmapped, jitted program on voxels
-of the training volumes (the U-Net frozen: the imputation loss does not involve it).
+of the training volumes (the U-Net frozen: only `imputer` trains).
+
+One network for both baselines (the paper's): with `config.impute.segmenter_from=WORKDIR`, a
+trained `unet` run (the mean-filling baseline, `configs/unet.py`) of the same task, modalities and
+model settings, stage 1 has 0 steps and the U-Net's parameters and batch statistics are that run's
+(its best checkpoint, as evaluation picks it; `base.ParameterSource`, loaded by the training loop
+when the run starts). With every modality present nothing is imputed, so the two baselines then
+predict exactly the same.
 
 Pattern p (0-based) is the subset whose bit code sum(2^i for available modality i) equals p + 1,
 so the full set (code 2^M - 1) has no MLP and needs none. Every MLP reads all M channels with the
@@ -30,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hemijax.nn import layers
-from hemijax.data.tasks import get_task
+from hemijax.data.tasks import task_from_config
 from hemijax.models import base, unet
 
 
@@ -214,7 +221,7 @@ def voxel_batches(config, load_split):
 
 
 def build(config) -> base.Method:
-  task = get_task(config.task)
+  task = task_from_config(config)
   modalities = tuple(config.modalities)
   if len(modalities) < 2:
     raise ValueError("config.modalities: MLP imputation needs at least two modalities")
@@ -226,13 +233,34 @@ def build(config) -> base.Method:
                                  num_classes=task.num_classes, hidden=hidden,
                                  per_modality=bool(config.impute.get("per_modality", False)))
   seg_loss = segmentation_loss(model, config)
+  sources = segmenter_sources(config)
   stages = (
       # The combined model's validation would score untrained MLPs here; validate after stage 2.
-      base.Stage("segmentation", seg_loss, config.train.num_steps, config.optimizer,
-                 validate=False),
+      # 0 steps when the U-Net comes from a trained run (it also shapes the initial variables).
+      base.Stage("segmentation", seg_loss, 0 if sources else config.train.num_steps,
+                 config.optimizer, validate=False),
       base.Stage("imputation", imputation_loss, config.impute.num_steps, config.impute.optimizer,
-                 make_batches=voxel_batches),
+                 trainable=("imputer",), make_batches=voxel_batches),
   )
   return base.Method(name="mlp_impute", model=model, loss_fn=seg_loss, modalities=modalities,
                      num_classes=task.num_classes, spatial_dims=len(config.data.patch_size),
-                     size_multiple=unet.size_multiple(config.model.features), stages=stages)
+                     size_multiple=unet.size_multiple(config.model.features), stages=stages,
+                     parameter_sources=sources)
+
+
+SEGMENTER_OPTION = "config.impute.segmenter_from"
+
+
+def segmenter_sources(config) -> tuple[base.ParameterSource, ...]:
+  """The mean-filling baseline's U-Net as this model's segmenter, if `impute.segmenter_from`."""
+  workdir = config.impute.get("segmenter_from", None)
+  if not workdir or workdir == "None":   # `--config.impute.segmenter_from=None` arrives as text
+    return ()
+  return (base.ParameterSource(
+      option=SEGMENTER_OPTION, workdir=str(workdir), method="unet",
+      # `unet.ModalityUNet` holds its U-Net as the sub-module "unet"; here it is "segmenter".
+      source_path=("unet",), target_path=("segmenter",),
+      same=("task", "task_spec", "modalities", "model"), step="best",
+      hint=(f"train it first: python train.py --config configs/unet.py:"
+            f"{config.get('preset', 'demo')} --workdir {workdir}; or set "
+            f"{SEGMENTER_OPTION}=None to train a U-Net of its own")),)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from hemijax.nn import layers
-from hemijax.data.tasks import get_task
+from hemijax.data.tasks import task_from_config
 from hemijax.models import base
 
 
@@ -144,7 +144,7 @@ def check_features(features, option="config.model.features"):
 
 
 def build(config) -> base.Method:
-  task = get_task(config.task)
+  task = task_from_config(config)
   modalities = tuple(config.modalities)
   check_features(config.model.features)
   model = base.model_from_config(ModalityUNet, config.model, num_modalities=len(modalities),

@@ -16,8 +16,8 @@ upsampled). They compose into ONE source-coordinate grid; image (linear) and lab
 source falls outside the patch gets `valid = False` (the losses ignore it) and image 0.
 
 Intensity (per example and per modality, each with its own draw), in acquisition order: a smooth
-multiplicative bias field, Gaussian blur (resolution loss), Gaussian noise, gamma, then a linear
-scale and shift. Gamma works on the modality's values min-max normalised over the whole patch
+multiplicative bias field, Gaussian blur (resolution loss), Gaussian noise, gamma, an optional
+random monotone contrast curve, then a linear scale and shift. Gamma works on the modality's values min-max normalised over the whole patch
 (its valid voxels, brain and background alike, as nnU-Net does), then maps back to the same range.
 Intensity ranges are in the units of the preprocessed images (z-scores inside the brain).
 
@@ -67,6 +67,11 @@ def default_config(enabled: bool = True) -> ml_collections.ConfigDict:
       # Bias: x * exp(bias_strength * a cubic-upsampled 4^d grid of standard normal values).
       bias_prob=0.1, bias_strength=0.2,
       blur_prob=0.2, blur_sigma=(0.5, 1.0),          # Gaussian sigma in voxels, uniform in range
+      # Contrast remap: a random monotone piecewise-linear curve over the modality's range (its
+      # `remap_points` segments' slopes drawn in 1 +- remap_strength, then rescaled to the range),
+      # so the contrast between tissues changes as between scanners and sequences (Models
+      # Genesis' non-linear intensity transform). Off by default.
+      remap_prob=0.0, remap_points=4, remap_strength=0.7,
   ))
 
 
@@ -82,6 +87,11 @@ def _check_config(cfg: dict) -> None:
     lo, hi = _pair(cfg, name)
     if not 0.0 < lo <= hi:
       _fail(name, f"needs 0 < low <= high, got {tuple(cfg[name])}")
+  if int(cfg["remap_points"]) < 1:
+    _fail("remap_points", f"needs >= 1 segment, got {cfg['remap_points']}")
+  if not 0.0 <= float(cfg["remap_strength"]) < 1.0:
+    _fail("remap_strength", f"needs 0 <= strength < 1 (slopes stay positive), got "
+          f"{cfg['remap_strength']}")
   for name in ("rotate_degrees", "elastic_magnitude", "noise_std", "bias_strength"):
     if float(cfg[name]) < 0:
       _fail(name, f"must be >= 0, got {cfg[name]}")
@@ -283,6 +293,14 @@ def _intensity(key, image, valid, cfg):
     gamma = jax.random.uniform(k_gamma, (num_modalities,), minval=lo, maxval=hi)
     image = jnp.where(drawn(k_on, cfg["gamma_prob"]), _gamma(image, valid, gamma), image)
 
+  if cfg["remap_prob"] > 0:
+    # Its own fold of the key: configs without it draw exactly what they drew before it existed.
+    k_on, k_slopes = jax.random.split(jax.random.fold_in(key, 5))
+    r = cfg["remap_strength"]
+    slopes = jax.random.uniform(k_slopes, (int(cfg["remap_points"]), num_modalities),
+                                minval=1 - r, maxval=1 + r)
+    image = jnp.where(drawn(k_on, cfg["remap_prob"]), _remap(image, valid, slopes), image)
+
   if cfg["intensity_prob"] > 0:
     k_on, k_scale, k_shift = jax.random.split(k_linear, 3)
     a, b = cfg["scale_shift"]
@@ -294,17 +312,38 @@ def _intensity(key, image, valid, cfg):
   return image
 
 
-def _gamma(image, valid, gamma):
-  """x -> lo + (hi - lo) ((x - lo) / (hi - lo))^gamma per modality, lo/hi over valid voxels."""
+def _valid_range(image, valid):
+  """Per modality (lo, hi + eps - lo) of the values at valid voxels; (0, eps) without any."""
   inside = valid[..., None]
   axes = tuple(range(image.ndim - 1))
   lo = jnp.min(jnp.where(inside, image, jnp.inf), axis=axes)
   hi = jnp.max(jnp.where(inside, image, -jnp.inf), axis=axes)
   lo, hi = jnp.minimum(lo, hi), jnp.maximum(lo, hi)   # no valid voxel: +-inf, swapped
   lo, hi = jnp.where(jnp.isfinite(lo), lo, 0.0), jnp.where(jnp.isfinite(hi), hi, 0.0)
-  span = hi - lo + 1e-7
+  return lo, hi - lo + 1e-7
+
+
+def _gamma(image, valid, gamma):
+  """x -> lo + (hi - lo) ((x - lo) / (hi - lo))^gamma per modality, lo/hi over valid voxels."""
+  lo, span = _valid_range(image, valid)
   normalised = jnp.clip((image - lo) / span, _GAMMA_FLOOR, 1.0)
   return lo + span * normalised**gamma
+
+
+def _remap(image, valid, slopes):
+  """A monotone piecewise-linear curve per modality over [lo, hi] of its valid voxels: segment k
+  of `slopes (K, M)` covers [k/K, (k+1)/K] of the range with slope proportional to slopes[k];
+  the curve is rescaled to end at hi, so lo and hi stay where they are."""
+  lo, span = _valid_range(image, valid)
+  segments = slopes.shape[0]
+  knots = jnp.concatenate([jnp.zeros((1,) + slopes.shape[1:]), jnp.cumsum(slopes, axis=0)])
+  knots = knots / knots[-1]                                  # (K + 1, M), 0 ... 1, increasing
+  t = jnp.clip((image - lo) / span, 0.0, 1.0) * segments     # position in segments
+  index = jnp.clip(jnp.floor(t), 0, segments - 1).astype(jnp.int32)
+  left = jnp.take_along_axis(knots, index.reshape(-1, image.shape[-1]), axis=0).reshape(t.shape)
+  right = jnp.take_along_axis(knots, index.reshape(-1, image.shape[-1]) + 1,
+                              axis=0).reshape(t.shape)
+  return lo + span * (left + (t - index) * (right - left))
 
 
 def _gaussian_blur(image, sigma, radius: int):

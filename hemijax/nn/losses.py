@@ -35,18 +35,31 @@ def batch_class_weights(labels, num_classes, valid=None):
   return 1.0 - counts / jnp.maximum(jnp.sum(counts), 1.0)
 
 
-def soft_dice(logits, labels, valid=None, include_background=False, smooth=1e-5):
-  """1 - mean soft Dice over classes (probabilities from softmax), pooled over the batch."""
+DICE_REDUCTIONS = ("batch", "example")
+
+
+def soft_dice(logits, labels, valid=None, include_background=False, smooth=1e-5, reduction="batch"):
+  """1 - mean soft Dice over classes (probabilities from softmax).
+
+  `reduction` says over what each class's Dice is computed:
+    "batch"    one Dice per class, its sums pooled over the whole batch (the default);
+    "example"  one Dice per (example, class), then the mean over both (nnU-Net's
+               `batch_dice=False`).
+               An example's poor Dice then weighs 1/B of the loss whatever the rest of the batch
+               does; an example without the class scores 1 only if it predicts none of it.
+  """
+  if reduction not in DICE_REDUCTIONS:
+    raise ValueError(f"soft_dice: unknown reduction {reduction!r}; choose one of {DICE_REDUCTIONS}")
   num_classes = logits.shape[-1]
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   target = jax.nn.one_hot(labels, num_classes)
   weights = _valid_weights(labels, valid)[..., None]
-  axes = tuple(range(logits.ndim - 1))
+  axes = tuple(range(0 if reduction == "batch" else 1, logits.ndim - 1))
   intersection = jnp.sum(probs * target * weights, axis=axes)
   denominator = jnp.sum((probs + target) * weights, axis=axes)
-  dice = (2 * intersection + smooth) / (denominator + smooth)
+  dice = (2 * intersection + smooth) / (denominator + smooth)   # (C,) or (B, C)
   if not include_background:
-    dice = dice[1:]
+    dice = dice[..., 1:]
   return 1.0 - jnp.mean(dice)
 
 
@@ -95,12 +108,14 @@ def masked_l1(prediction, target, valid=None):
   return jnp.sum(jnp.abs(prediction - target) * valid) / jnp.maximum(jnp.sum(valid), 1.0)
 
 
-def segmentation_loss(logits, labels, valid=None, *, ce_weight, dice_weight, class_weights=None):
+def segmentation_loss(logits, labels, valid=None, *, ce_weight, dice_weight, class_weights=None,
+                      dice_reduction="batch"):
   """ce_weight * cross-entropy + dice_weight * soft Dice: every method's segmentation objective.
 
+  `dice_reduction` is `soft_dice`'s `reduction` (default "batch": Dice pooled over the batch).
   Returns (loss, terms); `terms` holds both terms ("cross_entropy", "soft_dice_loss"), whatever
   their weights, for the training metrics.
   """
   ce = cross_entropy(logits, labels, valid, class_weights)
-  dice = soft_dice(logits, labels, valid)
+  dice = soft_dice(logits, labels, valid, reduction=dice_reduction)
   return ce_weight * ce + dice_weight * dice, {"cross_entropy": ce, "soft_dice_loss": dice}

@@ -23,7 +23,7 @@ from hemijax import atomic
 
 BEST_METRIC = "val_score"
 # Config fields that define what the parameters mean; a checkpoint is unusable if they differ.
-MODEL_FIELDS = ("method", "task", "modalities", "model")
+MODEL_FIELDS = ("method", "task", "task_spec", "modalities", "model")  # task_spec: task=auto
 
 
 class CheckpointError(ValueError):

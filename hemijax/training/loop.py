@@ -24,10 +24,10 @@ from hemijax.inference import sliding_window as inference
 from hemijax.evaluation import metrics as metrics_lib
 from hemijax.data import datasets
 from hemijax.data.preprocess import class_ids_to_label_values
-from hemijax.data.tasks import get_task
+from hemijax.data.tasks import task_from_config
 from hemijax.models import get_method
 from hemijax.nn import augment as augment_lib
-from hemijax.training import TrainingError, checkpoints, sharding
+from hemijax.training import TrainingError, checkpoints, init_from, sharding
 from hemijax.training import stages as stages_lib
 from hemijax.training import step as step_lib
 
@@ -74,7 +74,7 @@ def validation_masks(volumes, seed: int) -> list[np.ndarray]:
 
 def validate(method, variables, volumes, masks, config) -> dict:
   """Mean region Dice on the validation cases, with all modalities and with random ones dropped."""
-  task = get_task(config.task)
+  task = task_from_config(config)
   forward = inference.make_window_forward(method, variables)
   settings = inference.WindowSettings.from_config(config)
   scores = {"all": [], "dropped": []}
@@ -117,6 +117,7 @@ def train(config, workdir, *, progress: bool = True) -> dict:
   """
   workdir = pathlib.Path(workdir)
   sharding.initialize_distributed()  # from the environment, if train.py has not joined already
+  datasets.resolve_task(config)   # task=auto: the dataset's task, before the model is built
   method = get_method(config)
   stages = method.training_stages(config)
   _check_steps(config, stages)
@@ -131,6 +132,8 @@ def train(config, workdir, *, progress: bool = True) -> dict:
     if sharding.is_lead():
       print(f"{workdir}: already finished at step {finished}; nothing to do")
     return {}
+  if not checkpoints.saved_steps(workdir):
+    init_from.check(config, method)   # a new run: the runs it starts from must serve
   workdir.mkdir(parents=True, exist_ok=True)
   with _locked(workdir):
     return _train(config, workdir, method, stages, bounds, mesh, shares, progress)
@@ -144,6 +147,9 @@ def _check_steps(config, stages) -> None:
     if stage.num_steps < 0:
       raise ValueError(f"stage {stage.name!r} of {config.method}: {stage.num_steps} steps; "
                        "a stage's num_steps must be >= 0")
+  if not sum(stage.num_steps for stage in stages):
+    raise ValueError(f"the stages of {config.method} ({', '.join(s.name for s in stages)}) "
+                     "have 0 steps in all; nothing to train")
 
 
 def _share_count(config, saved):
@@ -213,12 +219,19 @@ def _train(config, workdir, method, stages, bounds, mesh, shares, progress) -> d
         continue  # finished before the interruption
       make_batch = stages_lib.stage_batches(stage, config, load_split, shares)
       optimizer = stages_lib.stage_optimizer(stage)
-      example = sharding.put_batch(make_batch(begin), mesh)
       if state is None:
+        # Shaped by the first stage's batch, as in an uninterrupted run (a later stage's own
+        # batches need not hold images), also when that stage has 0 steps.
+        first = make_batch if stage is stages[0] else stages_lib.stage_batches(
+            stages[0], config, load_split, shares)
+        example = sharding.put_batch(first(bounds[0][0]), mesh)
         state = jax.jit(
             lambda b: step_lib.init_state(method, optimizer, jax.random.key(config.seed), b),
             out_shardings=sharding.replicated(mesh))(example)
-        if resume_step is not None:
+        if resume_step is None:
+          # A new run: the runs it starts from (a resumed one restores its own checkpoint).
+          state = _start_from_sources(config, workdir, method, state, mesh, lead)
+        else:
           # The checkpoint holds the optimiser state of the stage it was written in.
           saved_stage = stages[stages_lib.stage_of_checkpoint(stages, resume_step)]
           if saved_stage is not stage:
@@ -240,6 +253,30 @@ def _train(config, workdir, method, stages, bounds, mesh, shares, progress) -> d
                          is_last=stage is stages[-1])
     manager.close()
   return tracker["last"]
+
+
+def _start_from_sources(config, workdir, method, state, mesh, lead):
+  """The new run's state with the variables of config.train.init_from and the method's
+  `parameter_sources` put in (hemijax.training.init_from); recorded in WORKDIR/init_from.json.
+  The optimiser state is made afresh when the first stage starts."""
+  if not init_from.sources(config, method):
+    return state
+  fresh = jax.device_get({"params": state["params"], **state["model_state"]})
+  variables, records = init_from.start_variables(config, method, fresh)
+  replicated = sharding.replicated(mesh)
+
+  def put(value, like):
+    host = np.asarray(value, dtype=like.dtype)
+    return jax.make_array_from_callback(host.shape, replicated, lambda index: host[index])
+  variables = jax.tree.map(put, variables, {"params": state["params"], **state["model_state"]})
+  if lead:
+    init_from.write_record(workdir, records)
+    for record in records:
+      print(f"{workdir}: {record['into'] or 'all variables'} from {record['source']} "
+            f"(step {record['step']}); modalities carried {record['modalities']['carried']}, "
+            f"new {record['modalities']['new']}; re-initialised {record['reset'] or 'none'}")
+  params = variables.pop("params")
+  return dict(state, params=params, model_state=variables)
 
 
 def _run_stage(config, workdir, method, stage, begin, end, state, optimizer, make_batch, mesh,

@@ -39,6 +39,12 @@ TISSUES = {
     "wmh": Tissue(pd=0.80, t1=1150.0, t2=160.0, gd=0.0, sd=0.08),
 }
 NORMAL_TISSUES = ("csf", "gm", "wm")
+# Every contrast the phantom can acquire, in the order of their random streams: append only, so a
+# subject's images stay bit-identical when a contrast is added. The BraTS four are the default
+# sets of the tasks; "pd" (proton density: long TR, short TE spin echo) is acquired only on request
+# (`modalities=`, `--modalities`).
+MODALITIES = ("flair", "t1", "t1ce", "t2", "pd")
+EXTRA_MODALITIES = ("pd",)   # acquisitions any task may add to its own modalities
 
 @dataclasses.dataclass(frozen=True)
 class Sequence:
@@ -63,22 +69,26 @@ class Protocol:
 
 PROTOCOLS = {
     "default": Protocol(
-        description="1.5 T clinical: spin-echo T1/T1ce, spin-echo T2, IR FLAIR (training-like)",
+        description="1.5 T clinical: spin-echo T1/T1ce, spin-echo T2, IR FLAIR (training-like); "
+                    "spin-echo PD on request",
         sequences={
             "flair": Sequence("ir", tr=(8000, 10000), te=(100, 140), ti=(2250, 2450)),
             "t1": Sequence("se", tr=(450, 650), te=(8, 20)),
             "t1ce": Sequence("se", tr=(450, 650), te=(8, 20)),
             "t2": Sequence("se", tr=(3500, 6000), te=(85, 120)),
+            # Long TR (T1 weighting mostly recovered), short TE (little T2 decay): signal ~ PD.
+            "pd": Sequence("se", tr=(2500, 3500), te=(10, 20)),
         },
         dose=(0.8, 1.2), bias=(0.05, 0.15), bias_scale_mm=100.0, noise=(0.02, 0.05)),
     "heldout": Protocol(
         description="different scanner: IR-prepared (MPRAGE-like) T1/T1ce, short-TE T2 and FLAIR, "
-                    "shorter TI, stronger bias, more noise, 3 mm slices",
+                    "shorter TI, shorter-TR PD, stronger bias, more noise, 3 mm slices",
         sequences={
             "flair": Sequence("ir", tr=(6000, 7000), te=(80, 95), ti=(1950, 2150)),
             "t1": Sequence("ir", tr=(1800, 2300), te=(3, 5), ti=(800, 1000)),
             "t1ce": Sequence("ir", tr=(1800, 2300), te=(3, 5), ti=(800, 1000)),
             "t2": Sequence("se", tr=(3000, 4000), te=(70, 85)),
+            "pd": Sequence("se", tr=(2000, 2600), te=(8, 14)),
         },
         dose=(0.9, 1.4), bias=(0.2, 0.35), bias_scale_mm=70.0, noise=(0.05, 0.08),
         slice_blur_mm=1.5),

@@ -119,3 +119,73 @@ def _warp(volume, coords):
 def brain_total(fractions):
   """Summed normal-tissue fraction per voxel (about 1 inside the brain)."""
   return sum(fractions[t] for t in NORMAL_TISSUES)
+
+
+# ----------------------------------------------------------------------------------------------
+# Structures of the `tissue6` label space
+
+# Deep structures by their ids in `structures()`. nilearn ships only the MNI152 T1 and the GM and
+# WM probability maps (its subcortical and cerebellar atlases are downloads), so these are drawn
+# from the tissue maps plus position in MNI space: a coarse, documented mapping, not an atlas.
+STRUCTURES = ("basal_ganglia", "ventricles", "cerebellum", "brainstem")
+# MNI boxes (mm; x is left-right, y posterior-anterior, z inferior-superior).
+_DEEP_GREY_BOX = dict(x=32.0, y=(-35.0, 28.0), z=(-12.0, 24.0))  # caudate, putamen, pallidum,
+                                                                   # thalamus
+_VENTRICLE_BOX = dict(x=30.0, y=(-50.0, 35.0), z=(-20.0, 35.0))  # lateral and third ventricles
+_BRAINSTEM_BOX = dict(x=14.0, y=(-42.0, -8.0), z=(-90.0, -8.0))  # midbrain, pons, medulla
+_CEREBELLUM_Y = -40.0      # behind this coronal plane and below the tentorium ...
+_TENTORIUM_Z = -10.0       # ... whose height falls by 0.25 mm per mm further back
+
+
+def _in_box(x, y, z, box):
+  return ((np.abs(x) <= box["x"]) & (y >= box["y"][0]) & (y <= box["y"][1])
+          & (z >= box["z"][0]) & (z <= box["z"][1]))
+
+
+@functools.lru_cache(maxsize=4)
+def structures(spacing: float = 2.0) -> np.ndarray:
+  """int8 map on the `atlas(spacing)` grid: 0 none, else 1 + the index in `STRUCTURES`.
+
+  By tissue and position (see STRUCTURES):
+    ventricles     CSF (fraction > 0.5) more than 20 mm deep in the brain, inside the ventricle box,
+                   in the large connected components (drops deep sulcal CSF), dilated by a voxel;
+    basal ganglia  more than 18 mm deep inside the deep-grey box (its GM voxels are the deep grey
+                   matter: caudate, putamen, pallidum and thalamus together);
+    brainstem      the brainstem box, below z = -8 mm;
+    cerebellum     behind y = -40 mm and below a plane falling from z = -10 mm there by 0.25 mm per
+                   mm backwards (the tentorium), outside the brainstem; it also takes a little
+                   inferior temporo-occipital cortex.
+  This map says where a structure may be; a subject's voxel takes its label only if its own
+  tissue fits (`subject._tissue6_label`). Read-only; cached per spacing.
+  """
+  atl = atlas(spacing)
+  shape, affine = atl["shape"], atl["affine"]
+  x, y, z = (affine[a, 3] + affine[a, a] * np.arange(shape[a]) for a in range(3))
+  x, y, z = np.meshgrid(x, y, z, indexing="ij")
+  csf = atl["csf"]
+  brain = (csf + atl["gm"] + atl["wm"]) > 0.5
+  depth = ndimage.distance_transform_edt(brain, sampling=atl["spacing"])
+  out = np.zeros(shape, np.int8)
+  ids = {name: i + 1 for i, name in enumerate(STRUCTURES)}
+
+  out[brain & (depth > 18.0) & _in_box(x, y, z, _DEEP_GREY_BOX)] = ids["basal_ganglia"]
+  ventricles = (csf > 0.5) & (depth > 20.0) & _in_box(x, y, z, _VENTRICLE_BOX)
+  components, n = ndimage.label(ventricles)
+  if n:
+    sizes = ndimage.sum(ventricles, components, np.arange(1, n + 1))
+    ventricles = np.isin(components, 1 + np.flatnonzero(sizes >= 0.1 * sizes.max()))
+    # One voxel more: a subject's deformed ventricle edge still finds the map (only its CSF
+    # voxels become ventricles).
+    out[ndimage.binary_dilation(ventricles)] = ids["ventricles"]
+  brainstem = brain & _in_box(x, y, z, _BRAINSTEM_BOX)
+  tentorium = _TENTORIUM_Z - 0.25 * np.clip(_CEREBELLUM_Y - y, 0.0, None)
+  cerebellum = brain & ~brainstem & (y <= _CEREBELLUM_Y) & (z <= tentorium)
+  out[cerebellum] = ids["cerebellum"]
+  out[brainstem] = ids["brainstem"]
+  out.setflags(write=False)
+  return out
+
+
+def warp_labels(labels, coords):
+  """An integer map (e.g. `structures()`) carried by a subject's deformation: nearest neighbour."""
+  return ndimage.map_coordinates(labels, coords, order=0, mode="constant", cval=0)

@@ -12,7 +12,7 @@ def _parser():
   p = argparse.ArgumentParser(
       prog="python -m hemijax.data.phantom",
       description="Write a phantom MRI dataset (NIfTI + splits.json), or render the docs montage.")
-  p.add_argument("--task", default="tumor", help="tumor | wmh | tissue (default tumor)")
+  p.add_argument("--task", default="tumor", help="tumor | wmh | tissue | tissue6 (default tumor)")
   p.add_argument("--out", help="output directory (new, empty, or written by this tool before)")
   p.add_argument("--n-subjects", type=int, default=20)
   p.add_argument("--seed", type=int, default=0)
@@ -22,8 +22,11 @@ def _parser():
                  help="probability that each modality file of a subject is absent (never all)")
   p.add_argument("--protocol", default="default", help=f"one of {', '.join(PROTOCOLS)}")
   p.add_argument("--test-protocol", default=None, help="acquire the test split with this protocol")
-  p.add_argument("--modalities", default=None, help="comma-separated subset of the task's modalities")
-  p.add_argument("--lesions", action="store_true", help="tissue task: add white-matter lesions (label 4)")
+  p.add_argument("--modalities", default=None,
+                 help="comma-separated subset of the task's modalities, plus pd (proton density) "
+                      "if wanted, e.g. flair,t1,t2,pd")
+  p.add_argument("--lesions", action="store_true",
+                 help="tissue, tissue6 tasks: add white-matter lesions (their lesion label)")
   p.add_argument("--no-skull-strip", action="store_true", help="keep the noise outside the brain")
   p.add_argument("--montage", metavar="PNG", help="render the docs montage to PNG instead")
   p.add_argument("--list-protocols", action="store_true", help="print the protocols and exit")

@@ -14,16 +14,19 @@ import nibabel as nib
 import numpy as np
 
 from hemijax import atomic
-from hemijax.data.phantom.acquisition import get_protocol
+from hemijax.data.phantom.acquisition import EXTRA_MODALITIES, MODALITIES, get_protocol
 from hemijax.data.phantom.anatomy import _check_spacing
-from hemijax.data.phantom.subject import generate_subject
-from hemijax.data.tasks import KNOWN_MODALITIES, check_modalities, get_task
+from hemijax.data.phantom.subject import TISSUE_TASKS, generate_subject
+from hemijax.data.tasks import check_modalities, get_task
 
 VERSION = 1
 LAYOUTS = ("brats", "brats2018", "nnunet", "manifest")
 SPLIT_FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
 # nnU-Net style channel names; readers map them to lower case.
-CHANNEL_NAMES = {"flair": "FLAIR", "t1": "T1", "t1ce": "T1ce", "t2": "T2"}
+CHANNEL_NAMES = {"flair": "FLAIR", "t1": "T1", "t1ce": "T1ce", "t2": "T2", "pd": "PD"}
+# A manifest has a column for each BraTS modality (empty where the task has none), then one for
+# each extra acquisition the dataset has (`acquisition.EXTRA_MODALITIES`).
+MANIFEST_MODALITIES = ("flair", "t1", "t1ce", "t2")
 
 
 def nifti_bytes(data, affine, compress=True):
@@ -137,14 +140,18 @@ def write_dataset(out, task, n_subjects, seed, spacing=2.0, layout="brats", miss
   if modalities is None:
     modalities = task_obj.modalities
   else:
-    modalities = check_modalities(modalities, option="modalities (--modalities)")
-    extra = [m for m in modalities if m not in task_obj.modalities]
+    allowed = tuple(task_obj.modalities) + tuple(m for m in EXTRA_MODALITIES
+                                                 if m not in task_obj.modalities)
+    modalities = check_modalities(modalities, allowed=MODALITIES,
+                                  option="modalities (--modalities)")
+    extra = [m for m in modalities if m not in allowed]
     if extra:
       raise ValueError(f"modalities (--modalities): {extra} not among task {task_obj.name!r}'s "
-                       f"modalities {list(task_obj.modalities)}")
-    modalities = tuple(m for m in task_obj.modalities if m in modalities)   # task order
-  if lesions and task_obj.name != "tissue":
-    raise ValueError("lesions (--lesions) applies to the tissue task only")
+                       f"modalities {list(task_obj.modalities)} or the extra acquisitions "
+                       f"{list(EXTRA_MODALITIES)}")
+    modalities = tuple(m for m in allowed if m in modalities)   # task order, then the extras
+  if lesions and task_obj.name not in TISSUE_TASKS:
+    raise ValueError(f"lesions (--lesions) applies to the tissue tasks {list(TISSUE_TASKS)} only")
 
   out = os.fspath(out)
   _clear_previous(out)
@@ -172,6 +179,8 @@ def write_dataset(out, task, n_subjects, seed, spacing=2.0, layout="brats", miss
   record["files"] = sorted(set(record["files"]) | {f for f in extra_files if f})
   atomic.write_bytes(os.path.join(out, "phantom.json"), _json_bytes(record))
 
+  manifest_columns = MANIFEST_MODALITIES + tuple(m for m in modalities
+                                                 if m not in MANIFEST_MODALITIES)
   manifest_rows = []
   written = []
   for i, case, present, missing, case_protocol in plans:
@@ -188,7 +197,7 @@ def write_dataset(out, task, n_subjects, seed, spacing=2.0, layout="brats", miss
     written += [paths[m] for m in present] + [paths["label"]]
     record["cases"][case] = dict(split=split_of[case], protocol=case_protocol, missing=missing,
                                  **subject["meta"])
-    manifest_rows.append([case] + [paths[m] if m in present else "" for m in KNOWN_MODALITIES]
+    manifest_rows.append([case] + [paths[m] if m in present else "" for m in manifest_columns]
                          + [paths["label"]])
     if verbose:
       print(f"{case}: {split_of[case]}, {case_protocol}, missing {missing or 'none'}", file=sys.stderr)
@@ -204,7 +213,7 @@ def write_dataset(out, task, n_subjects, seed, spacing=2.0, layout="brats", miss
   elif layout == "manifest":
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["case_id", *KNOWN_MODALITIES, "label"])
+    w.writerow(["case_id", *manifest_columns, "label"])
     w.writerows(manifest_rows)
     atomic.write_bytes(os.path.join(out, "manifest.csv"), buf.getvalue().encode())
     written.append("manifest.csv")

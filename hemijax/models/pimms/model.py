@@ -41,8 +41,9 @@ import numpy as np
 
 from hemijax.nn import modality_dropout as dropout_lib
 from hemijax.nn import layers
+from hemijax.nn import losses
 from hemijax.data import sampling
-from hemijax.data.tasks import get_task
+from hemijax.data.tasks import task_from_config
 from hemijax.models import base
 from hemijax.models.hemis import HeMIS, HeMISSettings
 
@@ -314,7 +315,7 @@ def make_classifier_loss(model: PIMMS) -> base.LossFn:
 
 
 def build(config) -> base.Method:
-  task = get_task(config.task)
+  task = task_from_config(config)
   modalities = tuple(config.modalities)
   m, variant = config.model, config.variant
   if variant not in VARIANTS:
@@ -323,6 +324,10 @@ def build(config) -> base.Method:
   batch = config.classifier.get("batch_size", None)
   if batch is not None and int(batch) < 1:
     raise ValueError(f"config.classifier.batch_size: must be >= 1 or None, got {batch}")
+  reduction = config.loss.get("dice_reduction", "batch")
+  if reduction not in losses.DICE_REDUCTIONS:
+    raise ValueError(f"config.loss.dice_reduction: unknown reduction {reduction!r}; choose one of "
+                     f"{losses.DICE_REDUCTIONS}")
   if int(m.max_scans) < 1:
     raise ValueError(f"config.model.max_scans: must be >= 1, got {m.max_scans}")
   model = base.model_from_config(PIMMS, m, num_modalities=len(modalities),

@@ -42,7 +42,7 @@ from hemijax.nn import modality_dropout as dropout_lib
 from hemijax.nn import fusion
 from hemijax.nn import layers
 from hemijax.data import datasets, preprocess, sampling
-from hemijax.data.tasks import check_modalities, get_task
+from hemijax.data.tasks import check_modalities, task_from_config
 from hemijax.models import base, unet
 
 
@@ -271,7 +271,7 @@ def healthy_volumes(config) -> list:
   """The healthy phantom, preprocessed into the task's modality slots (cached)."""
   root = ensure_healthy_phantom(config)
   return preprocess.load_dataset(
-      root, modalities=tuple(config.modalities), label_values=get_task(config.task).label_values,
+      root, modalities=tuple(config.modalities), label_values=task_from_config(config).label_values,
       layout="brats", split=None, target_spacing=config.data.target_spacing,
       cache_dir=datasets.cache_root(config) / "preprocessed")
 
@@ -321,6 +321,8 @@ def check_config(config):
     raise ValueError(f"config.pretrain.batch_size: must be >= 1, got {p.batch_size}")
   if int(p.healthy_subjects) < 0:
     raise ValueError(f"config.pretrain.healthy_subjects: must be >= 0, got {p.healthy_subjects}")
+  if int(p.healthy_subjects) == 0:  # no healthy phantom (own data, "URN + MD" without pooling)
+    return
   names = check_modalities(p.healthy_modalities, option="config.pretrain.healthy_modalities")
   extra = [n for n in names if n not in config.modalities]
   if extra:
@@ -329,7 +331,7 @@ def check_config(config):
 
 
 def build(config) -> base.Method:
-  task = get_task(config.task)
+  task = task_from_config(config)
   modalities = tuple(config.modalities)
   check_config(config)
   m = config.model
