@@ -72,29 +72,20 @@ def _check_split(split, config, root, layout) -> tuple[str | None, str | None]:
 
 
 def check_metric_options(options, regions, unknown_regions="error") -> dict:
-  """`metric_options` checked against the metrics' choices and the task's regions (one-line errors
-  naming the option), before anything is evaluated."""
-  options = dict(options or {})
-  unknown = set(options) - {"hd95_convention", "empty_penalty", "min_region_volume_mm3"}
-  if unknown:
-    raise ValueError(f"metric options: unknown {sorted(unknown)}; known: hd95_convention, "
-                     "empty_penalty, min_region_volume_mm3")
-  metrics.metric_conventions(**options)  # checks the two conventions
-  volumes = {str(k): v for k, v in dict(options.get("min_region_volume_mm3") or {}).items()}
+  """`metric_options` checked (`metrics.check_metric_options`) and against the task's regions
+  (one-line errors naming the option), before anything is evaluated."""
+  try:
+    options = metrics.check_metric_options(options)
+  except ValueError as e:
+    raise ValueError(f"metric options: {e}") from None
+  volumes = options["min_region_volume_mm3"]
   if unknown_regions == "ignore":
     volumes = {k: v for k, v in volumes.items() if k in regions}
-  for name, value in volumes.items():
-    if name not in regions:
-      raise ValueError(f"min_region_volume_mm3: unknown region {name!r}; this task's regions: "
-                       f"{', '.join(regions)}")
-    try:
-      volumes[name] = float(value)
-    except (TypeError, ValueError):
-      volumes[name] = float("nan")
-    if not volumes[name] >= 0:
-      raise ValueError(f"min_region_volume_mm3: {name}={value!r} must be a volume >= 0 mm^3")
-  options["min_region_volume_mm3"] = volumes
-  return options
+  unknown = [name for name in volumes if name not in regions]
+  if unknown:
+    raise ValueError(f"min_region_volume_mm3: unknown region {unknown[0]!r}; this task's regions: "
+                     f"{', '.join(regions)}")
+  return dict(options, min_region_volume_mm3=volumes)
 
 
 def parse_min_volume_option(values) -> dict:

@@ -328,6 +328,32 @@ def lesion_wise_metrics(pred, truth, spacing, *, dilation_iterations=3, min_lesi
           "num_fp": num_fp, "lesions": lesions}
 
 
+METRIC_OPTIONS = ("hd95_convention", "empty_penalty", "min_region_volume_mm3")
+
+
+def check_metric_options(options) -> dict:
+  """`case_metrics`' convention options, checked (one-line ValueErrors naming the option) and
+  complete: every option present, thresholds as floats >= 0."""
+  options = dict(options or {})
+  unknown = set(options) - set(METRIC_OPTIONS)
+  if unknown:
+    raise ValueError(f"unknown {sorted(unknown)}; known: {', '.join(METRIC_OPTIONS)}")
+  out = {"hd95_convention": str(options.get("hd95_convention", DEFAULT_HD95_CONVENTION)),
+         "empty_penalty": str(options.get("empty_penalty", DEFAULT_EMPTY_PENALTY)),
+         "min_region_volume_mm3": {}}
+  _check_option("hd95_convention", out["hd95_convention"], HD95_CONVENTIONS)
+  _check_option("empty_penalty", out["empty_penalty"], EMPTY_PENALTIES)
+  for name, value in dict(options.get("min_region_volume_mm3") or {}).items():
+    try:
+      volume = float(value)
+    except (TypeError, ValueError):
+      volume = float("nan")
+    if not volume >= 0:
+      raise ValueError(f"min_region_volume_mm3: {name}={value!r} must be a volume >= 0 mm^3")
+    out["min_region_volume_mm3"][str(name)] = volume
+  return out
+
+
 def metric_conventions(hd95_convention=DEFAULT_HD95_CONVENTION,
                        empty_penalty=DEFAULT_EMPTY_PENALTY, connectivity=1,
                        min_region_volume_mm3=None) -> dict:

@@ -174,25 +174,10 @@ def _metric_options(config, source) -> dict:
   """config.metric_options, checked (one-line errors) and in a JSON-stable form."""
   from hemijax.evaluation import metrics as metrics_lib
 
-  options = dict(_get(config, "metric_options", {}) or {})
-  unknown = set(options) - {"hd95_convention", "empty_penalty", "min_region_volume_mm3"}
-  if unknown:
-    raise ValueError(f"{source}: metric_options: unknown {sorted(unknown)}; known: "
-                     "hd95_convention, empty_penalty, min_region_volume_mm3")
-  out = {"hd95_convention": str(options.get("hd95_convention",
-                                            metrics_lib.DEFAULT_HD95_CONVENTION)),
-         "empty_penalty": str(options.get("empty_penalty", metrics_lib.DEFAULT_EMPTY_PENALTY)),
-         "min_region_volume_mm3": {}}
   try:
-    metrics_lib.metric_conventions(out["hd95_convention"], out["empty_penalty"])
-    for name, value in dict(options.get("min_region_volume_mm3") or {}).items():
-      volume = float(value)
-      if not volume >= 0:
-        raise ValueError(f"min_region_volume_mm3: {name}={value!r} must be >= 0 mm^3")
-      out["min_region_volume_mm3"][str(name)] = volume
-  except (TypeError, ValueError) as e:
+    return metrics_lib.check_metric_options(_get(config, "metric_options", {}))
+  except ValueError as e:
     raise ValueError(f"{source}: metric_options: {e}") from None
-  return out
 
 
 def _load_config_module(path, where):
