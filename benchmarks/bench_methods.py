@@ -2,10 +2,11 @@ r"""Each method's demo config with hemijax's convolution against XLA's (= flax.l
 
   python benchmarks/bench_methods.py                       # every method's demo config
   python benchmarks/bench_methods.py --configs configs/hemis.py:demo,configs/joint.py:demo
+  python benchmarks/bench_methods.py --impls auto,xla,planes,slots   # auto against each lowering
 
-For every config, builds the method twice, `config.model.conv_impl` = "auto" ("planes" on CPU) and
-"xla" (`lax.conv_general_dilated`, what `flax.linen.Conv` lowers to), and times, alternating the
-two round by round: the jitted training step of every training stage on a batch of the stage's
+For every config, builds the method once per `config.model.conv_impl` in `--impls` (default
+"auto", what every config uses, and "xla": `lax.conv_general_dilated`, what `flax.linen.Conv`
+lowers to) and times, alternating them round by round: the jitted training step of every training stage on a batch of the stage's
 own sampler, and inference on one whole validation volume with all modalities (2D models slice by
 slice, 3D by the config's sliding window). Prints median seconds, the speed-up, voxels/s
 and XLA's buffer assignment of the training step. The phantom data of each config is generated
@@ -25,6 +26,7 @@ from benchmarks.common import compiled_memory, load_config, time_interleaved  # 
 from hemijax.inference import sliding_window as inference  # noqa: E402
 from hemijax.data import datasets  # noqa: E402
 from hemijax.models import get_method  # noqa: E402
+from hemijax.nn.conv import IMPLS as IMPLS_ALLOWED  # noqa: E402
 from hemijax.training import stages as stages_lib, step as step_lib  # noqa: E402
 
 DEMOS = ("configs/hemis.py:demo", "configs/unet.py:demo_dropout", "configs/mlp_impute.py:demo",
@@ -33,10 +35,10 @@ DEMOS = ("configs/hemis.py:demo", "configs/unet.py:demo_dropout", "configs/mlp_i
 IMPLS = ("auto", "xla")
 
 
-def build_cases(spec: str):
+def build_cases(spec: str, impls=IMPLS):
   """{stage: (train cases, XLA buffer bytes, voxels per batch)}, inference cases, volume voxels."""
   stages, infer_cases = {}, {}
-  for impl in IMPLS:
+  for impl in impls:
     config = load_config(spec)
     config.model.conv_impl = impl
     method = get_method(config)
@@ -81,29 +83,44 @@ def _image_voxels(batch) -> int:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--configs", default=",".join(DEMOS))
+  parser.add_argument("--impls", default=",".join(IMPLS),
+                      help="conv_impl values; the first is compared with each of the others")
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args(argv)
+  impls = tuple(args.impls.split(","))
+  bad = [i for i in impls if i not in IMPLS_ALLOWED]
+  if len(impls) < 2 or bad:
+    parser.error(f"--impls: want two or more of {IMPLS_ALLOWED}, got {args.impls!r}")
+  first, others = impls[0], impls[1:]
   log = lambda m: print(m, file=sys.stderr, flush=True)
-  lines = ["| config, stage | train step: hemijax (auto) s | XLA conv s | speed-up | voxels/s (auto) "
-           "| XLA buffers auto / xla | inference, one volume: auto s | XLA conv s | speed-up |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  train_cols = " | ".join(f"{i} s" for i in impls)
+  ratio_cols = " | ".join(f"{first} speed-up over {o}" for o in others)
+  lines = [f"| config, stage | train step: {train_cols} | {ratio_cols} | voxels/s ({first}) "
+           f"| XLA buffers {' / '.join(impls)} | inference, one volume: {train_cols} | "
+           f"{ratio_cols} |",
+           "|---|" + "---:|" * (2 * len(impls) + 2 * len(others) + 2)]
   for spec in args.configs.split(","):
     log(f"{spec}")
-    stages, infer_cases, volume_voxels = build_cases(spec)
+    stages, infer_cases, volume_voxels = build_cases(spec, impls)
     infer = time_interleaved(infer_cases, repeats=args.repeats, log=log)
-    i_auto, i_xla = infer["auto"].median, infer["xla"].median
     for i, (stage, (cases, memory, voxels)) in enumerate(stages.items()):
       train = time_interleaved(cases, repeats=args.repeats, log=log)
-      t_auto, t_xla = train["auto"].median, train["xla"].median
-      inference_cells = (f"{i_auto:.2f} | {i_xla:.2f} | {i_xla / i_auto:.2f}x" if i == 0
-                         else " | | ")
+      t = {k: train[k].median for k in impls}
+      if i == 0:
+        t_i = {k: infer[k].median for k in impls}
+        inference_cells = (" | ".join(f"{t_i[k]:.2f}" for k in impls) + " | "
+                           + " | ".join(f"{t_i[o] / t_i[first]:.2f}x" for o in others))
+      else:
+        inference_cells = " | ".join([""] * (len(impls) + len(others)))
       lines.append(
-          f"| `{spec}` {stage} | {t_auto:.3f} | {t_xla:.3f} | {t_xla / t_auto:.2f}x | "
-          f"{voxels / t_auto:,.0f} | {memory['auto'] / 2**20:,.0f} / "
-          f"{memory['xla'] / 2**20:,.0f} MiB | {inference_cells} |")
+          f"| `{spec}` {stage} | " + " | ".join(f"{t[k]:.3f}" for k in impls) + " | "
+          + " | ".join(f"{t[o] / t[first]:.2f}x" for o in others)
+          + f" | {voxels / t[first]:,.0f} | "
+          + " / ".join(f"{memory[k] / 2**20:,.0f}" for k in impls)
+          + f" MiB | {inference_cells} |")
   print(f"# bench_methods, jax {jax.__version__} on {jax.default_backend()}; medians of "
-        f"{args.repeats} rounds, cases alternated; \"auto\" resolves to "
-        f"{'planes' if jax.default_backend() == 'cpu' else 'xla'} here")
+        f"{args.repeats} rounds, cases alternated; \"auto\" resolves per layer to "
+        f"{'planes (3D) and slots (1D, 2D)' if jax.default_backend() == 'cpu' else 'xla'} here")
   print("\n".join(lines))
 
 

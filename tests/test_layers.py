@@ -16,7 +16,7 @@ from jax import lax
 from hemijax.nn import layers
 from hemijax.models.hemis import HeMIS
 
-IMPLS = ("planes", "matmul")
+IMPLS = ("planes", "slots", "matmul")
 TOL = 1e-5
 
 
@@ -146,7 +146,11 @@ def test_nested_vmap_and_2d():
 
 
 def test_auto_and_unknown_impl():
-  assert layers.resolve_impl("auto") == ("planes" if jax.default_backend() == "cpu" else "xla")
+  cpu = jax.default_backend() == "cpu"
+  assert layers.resolve_impl("auto") == ("planes" if cpu else "xla")
+  assert layers.resolve_impl("auto", 3) == ("planes" if cpu else "xla")
+  assert layers.resolve_impl("auto", 2) == ("slots" if cpu else "xla")
+  assert layers.resolve_impl("auto", 1) == ("slots" if cpu else "xla")
   assert set(IMPLS + ("xla", "auto")) == set(layers.IMPLS)
   with pytest.raises(ValueError, match="unknown convolution impl"):
     layers.resolve_impl("cudnn")

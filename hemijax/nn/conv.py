@@ -12,12 +12,17 @@ spatial dims. `impl` picks the lowering (all give the same numbers up to float r
   gradient is the same kind of convolution (flipped kernel); the kernel gradient is computed by
   `_kernel_grad` in cache-sized blocks. Under vmap, a batched kernel loops over the mapped axis
   instead of becoming a grouped convolution.
+- "slots": XLA's convolution and XLA's own gradients, but a vmapped kernel runs one ungrouped
+  convolution per slot (forward and backward) instead of a grouped one. On CPU XLA's 2D kernel
+  gradient beats `_kernel_grad`, so this is what "auto" uses for 1D and 2D layers.
 - "matmul": shifted views contracted with `lax.dot_general`, block by block in a loop; no
   convolution primitive at all (any backend, any rank). Slower than "planes" on CPU, kept as the
   portable matrix-product reference.
-- "auto": "planes" on CPU, "xla" elsewhere (`jax.default_backend()`).
+- "auto": on CPU (`jax.default_backend()`) "planes" for 3D layers and "slots" for 1D and 2D ones
+  (the faster of the two for each, measured with benchmarks/bench_methods.py on every method's
+  demo config; docs/performance.md); "xla" elsewhere.
 
-"planes" and "matmul" define their own reverse-mode derivative (`jax.custom_vjp`): `jax.grad` and
+"planes", "slots" and "matmul" define their own reverse-mode derivative (`jax.custom_vjp`): `jax.grad` and
 `jax.vjp` work, forward-mode (`jax.jvp`, `jax.jacfwd`) does not; use "xla" for that.
 """
 from __future__ import annotations
@@ -32,7 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_batching import custom_vmap
 
-IMPLS = ("auto", "xla", "planes", "matmul")
+IMPLS = ("auto", "xla", "planes", "slots", "matmul")
 # A Module class, or a `functools.partial` of one with fields bound (flax examples' `ModuleDef`).
 ModuleDef = Any
 
@@ -54,12 +59,15 @@ def _tuple(value, n):
   return tuple(value) if isinstance(value, Sequence) else (value,) * n
 
 
-def resolve_impl(impl: str) -> str:
-  """Validates `impl` and resolves "auto": "planes" on CPU, "xla" on GPU/TPU."""
+def resolve_impl(impl: str, spatial_dims: int = 3) -> str:
+  """Validates `impl` and resolves "auto" for a layer of `spatial_dims`: on CPU "planes" for 3D,
+  "slots" for 1D and 2D; "xla" on GPU/TPU."""
   if impl not in IMPLS:
     raise ValueError(f"unknown convolution impl {impl!r}; choose one of {IMPLS}")
   if impl == "auto":
-    return "planes" if jax.default_backend() == "cpu" else "xla"
+    if jax.default_backend() != "cpu":
+      return "xla"
+    return "planes" if spatial_dims == 3 else "slots"
   return impl
 
 
@@ -380,8 +388,30 @@ def _custom_conv_fwd(x, kernel, strides, dilation, pads, impl):
   return _custom_conv(x, kernel, strides, dilation, pads, impl), (x, kernel)
 
 
+def _xla_conv_grads(x, kernel, g, strides, dilation, pads):
+  """(dL/dx, dL/dkernel) by XLA's own convolution gradients; under vmap one ungrouped pair per
+  slot (vmap would make the kernel gradient a grouped convolution, slow on XLA:CPU)."""
+  @custom_vmap
+  def grads(x, kernel, g):
+    _, vjp = jax.vjp(lambda a, k: _xla_conv(a, k, strides, dilation, pads), x, kernel)
+    return vjp(g)
+
+  @grads.def_vmap
+  def grads_batched(axis_size, in_batched, x, kernel, g):
+    pick = lambda a, batched, i: a[i] if batched else a
+    per_slot = [_xla_conv_grads(pick(x, in_batched[0], i), pick(kernel, in_batched[1], i),
+                                pick(g, in_batched[2], i), strides, dilation, pads)
+                for i in range(axis_size)]
+    return tuple(jnp.stack(parts) for parts in zip(*per_slot)), (True, True)
+
+  return grads(x, kernel, g)
+
+
 def _custom_conv_bwd(strides, dilation, pads, impl, residuals, g):
   x, kernel = residuals
+  if impl == "slots":
+    dx, dk = _xla_conv_grads(x, kernel, g, strides, dilation, pads)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
   forward = functools.partial(_slotwise, _FORWARD[impl])
   dx = _input_grad(forward, g, kernel, x.shape[1:-1], strides, dilation, pads)
   dk = _kernel_grad(x, g, kernel.shape[:-2], strides, dilation, pads)
@@ -389,7 +419,7 @@ def _custom_conv_bwd(strides, dilation, pads, impl, residuals, g):
 
 
 _custom_conv.defvjp(_custom_conv_fwd, _custom_conv_bwd)
-_FORWARD = {"planes": _planes_forward, "matmul": _matmul_forward}
+_FORWARD = {"planes": _planes_forward, "slots": _xla_conv, "matmul": _matmul_forward}
 
 
 def conv(x, kernel, *, strides=1, dilation=1, padding="SAME", impl="auto"):
@@ -404,7 +434,7 @@ def conv(x, kernel, *, strides=1, dilation=1, padding="SAME", impl="auto"):
                      "(want x (B, *spatial, Cin) and kernel (*window, Cin, Cout))")
   strides, dilation = _tuple(strides, nd), _tuple(dilation, nd)
   pads, _ = _geometry(x.shape[1:-1], kernel.shape[:nd], strides, dilation, padding)
-  impl = resolve_impl(impl)
+  impl = resolve_impl(impl, nd)
   if impl == "xla":
     return _xla_conv(x, kernel, strides, dilation, pads)
   dtype = jnp.result_type(x, kernel)
