@@ -148,6 +148,8 @@ def main(argv=None):
   parser.add_argument("--impls", default="planes,matmul,xla",
                       help="hemijax conv impls to time, comma-separated")
   parser.add_argument("--tasks", default="train,inference", help="train and/or inference")
+  parser.add_argument("--sizes", default=None,
+                      help="TRAIN,INFER cube edges (default 32,96; --quick 12,24)")
   parser.add_argument("--skip-flax-vmap", action="store_true",
                       help="leave out the slowest case (flax.linen.Conv with vmapped back ends)")
   parser.add_argument("--torch", action="store_true",
@@ -157,6 +159,11 @@ def main(argv=None):
                            "else flax unrolled)")
   args = parser.parse_args(argv)
   train_size, infer_size, batch = (12, 24, 2) if args.quick else (32, 96, 2)
+  if args.sizes:
+    try:
+      train_size, infer_size = (int(v) for v in args.sizes.split(","))
+    except ValueError:
+      parser.error(f"--sizes: want TRAIN,INFER edge lengths such as 32,64, got {args.sizes!r}")
   repeats = args.repeats or (2 if args.quick else 3)
 
   def log(msg):

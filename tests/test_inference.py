@@ -62,6 +62,20 @@ def test_whole_volume_window_equals_direct_apply_3d():
   np.testing.assert_allclose(probs[0], direct[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_one_window_at_a_time_equals_batched_windows(spatial_dims):
+  """The low-memory schedule (3D on CPU by default) computes what the batched one does."""
+  method, variables = make_method(spatial_dims)
+  depth = 5 if spatial_dims == 3 else 1  # 2D models take (X, Y, 1) windows
+  windows = np.asarray(jax.random.normal(jax.random.key(4), (3, 6, 7, depth, 3)))
+  masks = np.array([[True, False, True], [False, True, False]])
+  one = inference.make_window_forward(method, variables, one_window_at_a_time=True)(windows, masks)
+  batched = inference.make_window_forward(method, variables, one_window_at_a_time=False)(windows,
+                                                                                        masks)
+  assert one.shape == batched.shape == (2, 3) + windows.shape[1:-1] + (3,)
+  np.testing.assert_allclose(one, batched, rtol=1e-5, atol=1e-6)
+
+
 def test_2d_models_run_slice_by_slice():
   method, variables = make_method(2)
   volume = np.asarray(jax.random.normal(jax.random.key(3), (9, 7, 5, 3)))

@@ -99,7 +99,8 @@ def test_random_3d_matches_lax(data):
   rng = np.random.default_rng(draw(st.integers(0, 2**31)))
   x, kernel = random_case(rng, 3, size, window, draw(st.integers(1, 6)), draw(st.integers(1, 6)),
                           batch=draw(st.integers(1, 2)))
-  check_against_lax(IMPLS, x, kernel, strides, dilation, padding)
+  # "slots" in 3D is XLA's own convolution and gradients (the reference): the grid covers it.
+  check_against_lax(("planes", "matmul"), x, kernel, strides, dilation, padding)
 
 
 def test_hemis_shapes_match_lax():
@@ -131,6 +132,34 @@ def test_vmap_over_stacked_kernels(impl, in_axes):
   got = jax.jit(jax.value_and_grad(loss(lambda a, b: layers.conv(a, b, impl=impl)), (0, 1),
                                    has_aux=True))(xs, ks)
   assert rel_err(got[0][1], ref[0][1]) < TOL
+  for g, e in zip(got[1], ref[1]):
+    assert rel_err(g, e) < TOL
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_large_slots_run_one_after_another(impl, monkeypatch):
+  """Above `_SEQUENTIAL_SLOT_BYTES` a vmapped kernel runs slot by slot (lax.map): same values and
+  gradients, and a loop over the slots instead of one convolution per slot."""
+  from hemijax.nn import conv as conv_lib
+  rng = np.random.default_rng(5)
+  xs = jnp.asarray(rng.normal(size=(3, 1, 5, 6, 4, 2)), jnp.float32)
+  ks = jnp.asarray(rng.normal(size=(3, 3, 3, 3, 2, 4)), jnp.float32)
+
+  def loss(conv_impl):
+    return lambda x, k: jnp.sum(jnp.sin(jax.vmap(conv_impl)(x, k)))
+
+  ref = jax.value_and_grad(loss(lambda a, b: reference(a, b, 1, 1, "SAME")), (0, 1))(xs, ks)
+  program = lambda: jax.jit(loss(lambda a, b: layers.conv(a, b, impl=impl))).lower(
+      xs, ks).as_text()
+  unrolled = program()
+  monkeypatch.setattr(conv_lib, "_SEQUENTIAL_SLOT_BYTES", 0)
+  sequential = program()
+  # One convolution per slot, or one inside a loop over the slots (matmul: loops only).
+  assert sequential.count("stablehlo.convolution") < max(unrolled.count("stablehlo.convolution"), 1)
+  assert sequential != unrolled
+  ours = loss(lambda a, b: layers.conv(a, b, impl=impl))
+  got = jax.jit(jax.value_and_grad(ours, (0, 1)))(xs, ks)
+  assert rel_err(got[0], ref[0]) < TOL
   for g, e in zip(got[1], ref[1]):
     assert rel_err(g, e) < TOL
 

@@ -85,13 +85,20 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-def make_window_forward(method: Method, variables, share_encoder: bool = True):
+def make_window_forward(method: Method, variables, share_encoder: bool = True,
+                        one_window_at_a_time: bool | None = None):
   """jitted `(windows (B, *roi, M), masks (S, M)) -> probabilities (S, B, *roi, C)`.
 
   Compiled once per window shape and subset count; the masks are data. `share_encoder=False` runs
   one whole forward per subset instead (what sharing saves; see benchmarks/bench_subsets.py).
+  `one_window_at_a_time` (None: for 3D models on CPU) runs the B windows of a call one after
+  another inside the compiled call: on CPU one 3D window already keeps both cores busy, and XLA
+  then holds one window's activations instead of B (two 96^3 HeMIS-3D windows: 5.12 -> 2.74 GiB
+  of XLA buffers; docs/performance.md).
   """
   spatial_dims = method.spatial_dims
+  if one_window_at_a_time is None:
+    one_window_at_a_time = spatial_dims == 3 and jax.default_backend() == "cpu"
 
   def forward(variables, windows, masks):
     if spatial_dims == 2:
@@ -105,6 +112,13 @@ def make_window_forward(method: Method, variables, share_encoder: bool = True):
       logits = jax.lax.map(lambda m: method.apply(variables, windows, per_item(m)), masks)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     return probs[..., None, :] if spatial_dims == 2 else probs
+
+  if one_window_at_a_time:
+    batched_forward = forward
+
+    def forward(variables, windows, masks):
+      per_window = jax.lax.map(lambda w: batched_forward(variables, w[None], masks)[:, 0], windows)
+      return jnp.moveaxis(per_window, 0, 1)
 
   jitted = jax.jit(forward)
   return lambda windows, masks: jitted(variables, windows, masks)

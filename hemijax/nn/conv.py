@@ -51,6 +51,9 @@ _MIN_BLOCK = 256
 # 3D, stride 1: below this many (depth taps x input channels), fold the depth taps into the input
 # channels rather than the output channels (see `_planes_forward`).
 _FOLD_INPUT_CHANNELS = 48
+# Per-slot convolution outputs above this many bytes run slot after slot (see `_slotwise`):
+# 3D inference windows, not training patches (a 2 x 32^3 x 48 HeMIS-3D layer is 12 MiB).
+_SEQUENTIAL_SLOT_BYTES = 128 << 20
 # Block loops are split into this many independent loops (see `_block_loop`).
 _LOOP_SPLIT = 2
 
@@ -135,9 +138,16 @@ def _slotwise(forward, x, kernel, strides, dilation, pads):
     if not kernel_batched:
       y = _slotwise(forward, x.reshape((-1,) + x.shape[2:]), kernel, strides, dilation, pads)
       return y.reshape((axis_size, -1) + y.shape[1:]), True
-    return jnp.stack([
-        _slotwise(forward, x[i] if x_batched else x, kernel[i], strides, dilation, pads)
-        for i in range(axis_size)]), True
+    one_slot = lambda x_i, kernel_i: _slotwise(forward, x_i, kernel_i, strides, dilation, pads)
+    out = jax.eval_shape(one_slot, x[0] if x_batched else x, kernel[0])
+    if out.size * out.dtype.itemsize > _SEQUENTIAL_SLOT_BYTES:
+      # Large layers (3D inference windows): one slot after another, so XLA holds one slot's
+      # temporaries (the planes lowering's stacked taps) instead of every slot's at once.
+      if x_batched:
+        return lax.map(lambda xk: one_slot(*xk), (x, kernel)), True
+      return lax.map(lambda k: one_slot(x, k), kernel), True
+    return jnp.stack([one_slot(x[i] if x_batched else x, kernel[i])
+                      for i in range(axis_size)]), True
 
   return run(x, kernel)
 
