@@ -384,6 +384,10 @@ def test_smoke_study_end_to_end_resumes_and_rerenders(tmp_path, seeds):
                for info in run["finished"].values())
   assert (report / study.VALIDATION_PLOT).is_file()
   assert "validation gain" in (report / "report.md").read_text()
+  commit = study.git_commit()  # the report names the commit that trained the runs
+  if commit:
+    assert (f"Runs trained at commit {commit} ({2 * len(seeds)} run x seeds)"
+            in (report / "report.md").read_text())
 
   # Run again: nothing retrained or re-evaluated, the report re-rendered.
   checkpoints = _mtimes(workdir, "runs/*/seed*/checkpoints/**/*")

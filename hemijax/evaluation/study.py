@@ -34,6 +34,7 @@ are not a subset: no wins, claims or plot points.
 """
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import datetime
@@ -721,6 +722,13 @@ def report_markdown(results, plots=None, extras=()) -> str:
             f"Every run is evaluated at its `{results['checkpoint_policy']}` checkpoint. "
             "Each table cell: the mean over seeds of each seed's mean over cases ± the sample sd "
             "over seeds (none with one seed); bold: the best mean of the row.", ""]
+  trained_at = collections.Counter(
+      info.get("commit") or "unknown" for run in results["runs"]
+      for info in run["finished"].values() if info.get("trained"))
+  if trained_at:  # the code that trained the runs may predate the rendering commit
+    lines += ["Runs trained at commit " + ", ".join(
+        f"{commit} ({n} run x seed{'s' if n > 1 else ''})"
+        for commit, n in sorted(trained_at.items())) + ".", ""]
   if results.get("metric_conventions"):
     lines += ["Metric conventions: " + "; ".join(
         f"{k}: {v}" for k, v in sorted(results["metric_conventions"].items())) + ".", ""]
