@@ -22,8 +22,8 @@ spatial dims. `impl` picks the lowering (all give the same numbers up to float r
   (the faster of the two for each, measured with benchmarks/bench_methods.py on every method's
   demo config; docs/performance.md); "xla" elsewhere.
 
-"planes", "slots" and "matmul" define their own reverse-mode derivative (`jax.custom_vjp`): `jax.grad` and
-`jax.vjp` work, forward-mode (`jax.jvp`, `jax.jacfwd`) does not; use "xla" for that.
+"planes", "slots" and "matmul" define their own reverse-mode derivative (`jax.custom_vjp`):
+`jax.grad` and `jax.vjp` work, forward-mode (`jax.jvp`, `jax.jacfwd`) does not; use "xla" for that.
 """
 from __future__ import annotations
 
@@ -146,8 +146,7 @@ def _slotwise(forward, x, kernel, strides, dilation, pads):
       if x_batched:
         return lax.map(lambda xk: one_slot(*xk), (x, kernel)), True
       return lax.map(lambda k: one_slot(x, k), kernel), True
-    return jnp.stack([one_slot(x[i] if x_batched else x, kernel[i])
-                      for i in range(axis_size)]), True
+    return _stack_per_slot(one_slot, axis_size, in_batched, x, kernel), True
 
   return run(x, kernel)
 
@@ -294,6 +293,14 @@ def _add_at(acc, index, value):
   return lax.dynamic_update_slice(acc, row + value.reshape(row.shape).astype(acc.dtype), start)
 
 
+def _stack_per_slot(fn, axis_size, in_batched, *args):
+  """A vmap rule's body: `fn` once per slot (batched arguments sliced, the others shared), its
+  outputs stacked. Separate ungrouped calls, which XLA may run concurrently."""
+  outs = [fn(*(a[i] if batched else a for a, batched in zip(args, in_batched)))
+          for i in range(axis_size)]
+  return jax.tree.map(lambda *parts: jnp.stack(parts), *outs)
+
+
 def _kernel_grad(x, g, window, strides, dilation, pads):
   """dL/dkernel = sum over output positions of input patch^T @ output gradient.
 
@@ -308,9 +315,8 @@ def _kernel_grad(x, g, window, strides, dilation, pads):
 
   @kernel_grad.def_vmap
   def kernel_grad_batched(axis_size, in_batched, x, g):
-    pick = lambda a, batched, i: a[i] if batched else a
-    return jnp.stack([_kernel_grad(pick(x, in_batched[0], i), pick(g, in_batched[1], i), window,
-                                   strides, dilation, pads) for i in range(axis_size)]), True
+    return _stack_per_slot(lambda x, g: _kernel_grad(x, g, window, strides, dilation, pads),
+                           axis_size, in_batched, x, g), True
 
   return kernel_grad(x, g)
 
@@ -408,11 +414,8 @@ def _xla_conv_grads(x, kernel, g, strides, dilation, pads):
 
   @grads.def_vmap
   def grads_batched(axis_size, in_batched, x, kernel, g):
-    pick = lambda a, batched, i: a[i] if batched else a
-    per_slot = [_xla_conv_grads(pick(x, in_batched[0], i), pick(kernel, in_batched[1], i),
-                                pick(g, in_batched[2], i), strides, dilation, pads)
-                for i in range(axis_size)]
-    return tuple(jnp.stack(parts) for parts in zip(*per_slot)), (True, True)
+    return _stack_per_slot(lambda x, k, g: _xla_conv_grads(x, k, g, strides, dilation, pads),
+                           axis_size, in_batched, x, kernel, g), (True, True)
 
   return grads(x, kernel, g)
 
