@@ -6,9 +6,9 @@ r"""Each method's demo config with hemijax's convolution against XLA's (= flax.l
 
 For every config, builds the method once per `config.model.conv_impl` in `--impls` (default
 "auto", what every config uses, and "xla": `lax.conv_general_dilated`, what `flax.linen.Conv`
-lowers to) and times, alternating them round by round: the jitted training step of every training stage on a batch of the stage's
-own sampler, and inference on one whole validation volume with all modalities (2D models slice by
-slice, 3D by the config's sliding window). Prints median seconds, the speed-up, voxels/s
+lowers to) and times, alternating them round by round: the jitted training step of every
+training stage on a batch of the stage's own sampler, and inference on one whole validation
+volume with all modalities (2D models slice by slice, 3D by the config's sliding window). Prints median seconds, the speed-up, voxels/s
 and XLA's buffer assignment of the training step. The phantom data of each config is generated
 (cached) if it is not there yet.
 """
