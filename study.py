@@ -4,7 +4,10 @@ r"""Runs a robustness study: trains and evaluates every run x seed of a study co
       [--config.seeds='(0,1)' ...] [--render_only]
 
 Interrupted studies resume (finished runs are skipped, interrupted ones resume from checkpoints);
-a finished study re-renders WORKDIR/report/ in seconds. See configs/study.py.
+a finished study re-renders WORKDIR/report/ in seconds. Several processes can share one study: start
+the same command again (another terminal, or another machine with the same workdir) and each takes
+the next run x seed no other holds; on 2 CPU cores two of them get 1.55x the training steps of
+one (docs/performance.md). See configs/study.py.
 """
 import sys
 

@@ -1,7 +1,8 @@
 """Atomic file writes: a temporary name in the target folder, then `os.replace`.
 
 A reader never sees a half-written file, and an interrupted write leaves the old file intact.
-`write_directory` does the same for a whole folder (a generated dataset).
+`write_directory` does the same for a whole folder (a generated dataset). `exclusive_lock` keeps
+two processes from working on one thing at once.
 
 A temporary file is named `.<target>.<host>-<pid>.<random>.tmp<suffix>`: a process killed while
 writing (SIGKILL, power loss) leaves it behind, and the next write of the same target removes the
@@ -10,6 +11,8 @@ temporaries of writers on this host that no longer run.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import pathlib
@@ -168,3 +171,35 @@ def replacing_directory(path):
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path):
+  """Yields True while this process holds an exclusive lock on the file `path` (created if
+  needed; it names its holder), False, holding nothing, if another process holds it. The kernel
+  releases the lock when the process ends, crashed or not."""
+  path = pathlib.Path(path)
+  with open(path, "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno not in (errno.EAGAIN, errno.EACCES):
+        raise
+      yield False
+      return
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    try:
+      yield True
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def lock_holder(path) -> str:
+  """Who holds (or last held) the lock file `path`, as it names itself."""
+  try:
+    return pathlib.Path(path).read_text().strip() or "another process"
+  except OSError:
+    return "another process"

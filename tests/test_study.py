@@ -13,6 +13,7 @@ from scipy import stats
 
 import model_helpers
 from configs import study as study_config
+from hemijax import atomic
 from hemijax.evaluation import claims, statistics, study
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -246,11 +247,12 @@ def _fake_study(tmp_path, seeds=(0,)):
   return study.parse_study(config, "fake")
 
 
-def _install_fakes(monkeypatch, calls, fail_first_train=False):
+def _install_fakes(monkeypatch, calls, fail_first_train=False, quality=None):
   from hemijax.evaluation import evaluate
   from hemijax.training import loop
 
   interrupt = [True] if fail_first_train else []
+  extra_quality = quality
 
   def train(config, workdir, progress=False):
     calls.append(("train", pathlib.Path(workdir).parent.name, config.seed))
@@ -263,7 +265,7 @@ def _install_fakes(monkeypatch, calls, fail_first_train=False):
                        progress=False):
     run = pathlib.Path(workdir).parent.name
     calls.append(("evaluate", run))
-    quality = {"hemis": 0.7, "unet": 0.5}[run]
+    quality = {"hemis": 0.7, "unet": 0.5, **(extra_quality or {})}[run]
     rows = _rows({"a": quality, "b": quality - 0.1})
     pathlib.Path(out).mkdir(parents=True, exist_ok=True)
     with open(pathlib.Path(out) / "cases.csv", "w", newline="") as f:
@@ -321,6 +323,42 @@ def test_interrupted_runs_resume_finished_ones_are_skipped(tmp_path, monkeypatch
   study.run_study(study.parse_study(config, "fake"), workdir, log=lambda _: None)
   assert calls == [("train", "hemis", 0), ("evaluate", "hemis"), ("train", "unet", 0),
                    ("evaluate", "unet")]
+
+
+def test_processes_sharing_a_study_skip_held_runs_and_wait_for_referenced_ones(tmp_path,
+                                                                              monkeypatch):
+  # Another process holds unet seed 0, and mlp_impute uses unet's folder ("run:unet"): this one
+  # trains hemis, waits, then (once the other has finished unet) trains mlp_impute.
+  config = study_config.get_config("smoke")
+  config.seeds = (0,)
+  config.runs.append(dict(name="mlp_impute", config="configs/mlp_impute.py", preset="smoke",
+                          overrides={"impute.segmenter_from": "run:unet"}))
+  (tmp_path / "data").mkdir()
+  config.evaluations = [dict(name="test", split="test", data=str(tmp_path / "data"))]
+  spec, workdir, calls, logged = study.parse_study(config, "fake"), tmp_path / "study", [], []
+  _install_fakes(monkeypatch, calls, quality={"mlp_impute": 0.6})
+  unet = study.run_dir(workdir, "unet", 0)
+  unet.mkdir(parents=True)
+  other = atomic.exclusive_lock(unet / study.STUDY_LOCK)
+  assert other.__enter__()  # the other process's hold (flock: per open file, so it counts)
+  waits, real_sleep = [], study.time.sleep
+
+  def sleep(seconds):  # meanwhile the other process finishes unet and lets go
+    if seconds != 7.0:  # not the study's wait (a library's)
+      return real_sleep(seconds)
+    waits.append(seconds)
+    assert len(waits) == 1, "waited again after the held run was finished"
+    study.ensure_finished(spec, spec.run("unet"), 0, workdir, log=lambda _: None)
+    other.__exit__(None, None, None)
+
+  monkeypatch.setattr(study.time, "sleep", sleep)
+  study.run_study(spec, workdir, log=logged.append, poll_s=7.0)
+  assert calls == [("train", "hemis", 0), ("evaluate", "hemis"), ("train", "unet", 0),
+                   ("evaluate", "unet"), ("train", "mlp_impute", 0), ("evaluate", "mlp_impute")]
+  assert waits == [7.0]
+  assert any(line.startswith("waiting for unet seed 0, mlp_impute seed 0") for line in logged)
+  assert all(study.run_finished(spec, run, 0, workdir) for run in spec.runs)
+  assert (workdir / "report" / "report.json").is_file()
 
 
 def test_claims_need_their_runs_on_the_same_data():

@@ -10,6 +10,7 @@ config overrides), seeds, the reference run(s), the evaluations (datasets/splits
                                          split, checkpoint step, wall time, cases.csv, the
                                          method's own reports)
       study_eval/<evaluation>/           evaluate_workdir's output for that evaluation
+      study.lock                         held by the study process working on this run x seed
   WORKDIR/report/                        report.md, report.json, dice_by_present_<group>.png,
                                          extra/ (the runs' own reports: synthesis, classifier
                                          accuracy); replaced as a whole (built aside, then renamed)
@@ -57,6 +58,7 @@ from hemijax.evaluation.metrics import HIGHER_IS_BETTER
 from hemijax.evaluation.subsets import AS_ACQUIRED, all_subsets, display_name, subset_symbol
 
 MARKER = "study.json"
+STUDY_LOCK = "study.lock"  # held by the process working on a run x seed (or rendering)
 EVAL_FOLDER = "study_eval"
 REPORT = "report"
 VALIDATION_PLOT = "validation_curves.png"
@@ -348,14 +350,31 @@ def _now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def _resolved(study: Study, run: Run, seed: int, workdir):
+  """(method config, its fingerprint, {evaluation name: spec}) of one run x seed."""
+  config = method_config(study, run, seed, workdir)
+  specs = {e.name: evaluation_spec(study, e, config) for e in evaluations_of(study, run)}
+  return config, fingerprint(config), specs
+
+
+def run_finished(study: Study, run: Run, seed: int, workdir) -> bool:
+  """Whether the run x seed's marker says it is trained and evaluated as the study asks now."""
+  _, fp, specs = _resolved(study, run, seed, workdir)
+  return is_finished(read_marker(run_dir(workdir, run.name, seed)), fp, specs)
+
+
+def referenced_runs(run: Run) -> list[str]:
+  """The runs whose folders `run`'s "run:NAME" overrides use (they must finish first)."""
+  return [v[len(RUN_REFERENCE):] for v in run.overrides.values()
+          if isinstance(v, str) and v.startswith(RUN_REFERENCE)]
+
+
 def ensure_finished(study: Study, run: Run, seed: int, workdir, *, progress=False,
                     log=print) -> dict:
   """Trains (or resumes) and evaluates one run x seed unless its marker says it is done; returns
   the marker."""
   folder = run_dir(workdir, run.name, seed)
-  config = method_config(study, run, seed, workdir)
-  fp = fingerprint(config)
-  specs = {e.name: evaluation_spec(study, e, config) for e in evaluations_of(study, run)}
+  config, fp, specs = _resolved(study, run, seed, workdir)
   marker = read_marker(folder)
   if is_finished(marker, fp, specs):
     return marker
@@ -561,15 +580,46 @@ def check_claims(study: Study, groups: dict) -> list[dict]:
 # The study: run, collect, render
 
 
-def run_study(study: Study, workdir, *, train=True, progress=False, command=None, log=print):
+def run_study(study: Study, workdir, *, train=True, progress=False, command=None, log=print,
+              poll_s: float = 30.0):
   """Finishes every run x seed (unless `train` is False), then renders the report; returns its
-  folder."""
+  folder.
+
+  Several processes can share one study (the same command started again: on a 2-core CPU two
+  trainings side by side get 1.55x the steps of one, docs/performance.md; or one per
+  accelerator). Each takes, in the study's order, the next run x seed that no other process holds
+  (its folder's `study.lock`) and whose referenced runs ("run:NAME") are finished; when only runs
+  held by others are left, it waits for them (polling every `poll_s` seconds).
+  """
   workdir = pathlib.Path(workdir)
   if train:
-    for run in study.runs:
-      for seed in run.seeds:
-        ensure_finished(study, run, seed, workdir, progress=progress, log=log)
-  return render_report(study, workdir, command=command)
+    pending = [(run, seed) for run in study.runs for seed in run.seeds]
+    while pending:
+      left = []
+      for run, seed in pending:
+        if not all(run_finished(study, study.run(name), seed, workdir)
+                   for name in referenced_runs(run)):
+          left.append((run, seed))
+          continue
+        folder = run_dir(workdir, run.name, seed)
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic.exclusive_lock(folder / STUDY_LOCK) as held:
+          if not held:
+            left.append((run, seed))
+            continue
+          ensure_finished(study, run, seed, workdir, progress=progress, log=log)
+      if len(left) == len(pending):  # everything left is held by another process (or waits on one)
+        log(f"waiting for {', '.join(f'{r.name} seed {s}' for r, s in left)} (held by another "
+            "study process, or waiting on such a run)")
+        time.sleep(poll_s)
+      pending = left
+  # One process renders at a time (two sharing a study may finish together).
+  while True:
+    workdir.mkdir(parents=True, exist_ok=True)
+    with atomic.exclusive_lock(workdir / STUDY_LOCK) as held:
+      if held:
+        return render_report(study, workdir, command=command)
+    time.sleep(1.0)
 
 
 def collect(study: Study, workdir) -> tuple[dict, list, dict]:

@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import fcntl
 import json
-import os
 import pathlib
-import socket
 
 import jax
 import orbax.checkpoint as ocp
@@ -110,31 +106,18 @@ LOCK_FILE = "train.lock"
 
 @contextlib.contextmanager
 def workdir_lock(workdir, hold: bool = True):
-  """Holds an exclusive lock on WORKDIR/train.lock while a run trains there; the kernel releases
-  it when the process ends, crashed or not. A second run refuses with one line. With `hold`
-  False (the other processes of a multi-process run), takes nothing."""
+  """Holds an exclusive lock on WORKDIR/train.lock while a run trains there (`atomic.exclusive_lock`). A
+  second run refuses with one line. With `hold` False (the other processes of a multi-process
+  run), takes nothing."""
   if not hold:
     yield
     return
   path = pathlib.Path(workdir) / LOCK_FILE
-  with open(path, "a+") as f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      if e.errno not in (errno.EAGAIN, errno.EACCES):
-        raise
-      f.seek(0)
-      holder = f.read().strip() or "another process"
-      raise WorkdirBusy(f"{workdir}: another run is training in this workdir ({holder} holds "
-                        f"{path}); wait for it to end or use another --workdir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+  with atomic.exclusive_lock(path) as held:
+    if not held:
+      raise WorkdirBusy(f"{workdir}: another run is training in this workdir ({atomic.lock_holder(path)} "
+                        f"holds {path}); wait for it to end or use another --workdir")
+    yield
 
 
 class WorkdirBusy(CheckpointError):
