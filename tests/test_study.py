@@ -286,15 +286,25 @@ def test_interrupted_runs_resume_finished_ones_are_skipped(tmp_path, monkeypatch
   _install_fakes(monkeypatch, calls, fail_first_train=True)
   with pytest.raises(Interrupted):
     study.run_study(spec, workdir, log=lambda _: None)
-  marker = study.read_marker(study.run_dir(workdir, "hemis", 0))
+  folder = study.run_dir(workdir, "hemis", 0)
+  marker = study.read_marker(folder)
   assert (marker["trained"], marker["train_attempts"]) == (False, 1)
+  assert marker["train_cpu_s"] >= 0.0
   assert not (workdir / "report").exists()
+  # unet seed 0 was interrupted once by a version that did not record CPU time: its total is
+  # unknown, not the CPU time of the attempts after it.
+  study.run_dir(workdir, "unet", 0).mkdir(parents=True)
+  older = dict(marker, run="unet", train_wall_s=5.0)
+  del older["train_cpu_s"]
+  (study.run_dir(workdir, "unet", 0) / study.MARKER).write_text(json.dumps(older))
 
   study.run_study(spec, workdir, log=lambda _: None)
   assert calls[1:] == [("train", "hemis", 0), ("evaluate", "hemis"), ("train", "unet", 0),
                        ("evaluate", "unet")]
   marker = study.read_marker(study.run_dir(workdir, "hemis", 0))
   assert (marker["trained"], marker["train_attempts"]) == (True, 2)
+  assert marker["train_cpu_s"] >= 0.0 and marker["evaluations"]["test"]["cpu_s"] >= 0.0
+  assert study.read_marker(study.run_dir(workdir, "unet", 0))["train_cpu_s"] is None
   assert marker["evaluations"]["test"]["extras"] == {"synthesis": {"psnr": 20.0}}
 
   calls.clear()
@@ -417,7 +427,10 @@ def test_smoke_study_end_to_end_resumes_and_rerenders(tmp_path, seeds):
   assert all(c["status"] == "not run" for c in results["claims"][1:])
   assert (report / "report.md").is_file() and list(report.glob("dice_by_present_*.png"))
   for run in results["runs"]:
-    assert all(info["train_wall_s"] > 0 for info in run["finished"].values())
+    assert all(info["train_wall_s"] > 0 and info["train_cpu_s"] > 0
+               for info in run["finished"].values())
+    assert all(e["cpu_s"] > 0 for info in run["finished"].values()
+               for e in info["evaluations"].values())
     assert all(info["validation"] and info["validation"][-1][0] == 2
                for info in run["finished"].values())
   assert (report / study.VALIDATION_PLOT).is_file()

@@ -369,6 +369,12 @@ def referenced_runs(run: Run) -> list[str]:
           if isinstance(v, str) and v.startswith(RUN_REFERENCE)]
 
 
+def _cpu_so_far(marker) -> float | None:
+  """CPU seconds of the training attempts so far (None: an attempt made before they were
+  recorded)."""
+  return marker.get("train_cpu_s") if marker.get("train_attempts") else 0.0
+
+
 def ensure_finished(study: Study, run: Run, seed: int, workdir, *, progress=False,
                     log=print) -> dict:
   """Trains (or resumes) and evaluates one run x seed unless its marker says it is done; returns
@@ -381,16 +387,19 @@ def ensure_finished(study: Study, run: Run, seed: int, workdir, *, progress=Fals
   if marker.get("fingerprint") != fp:  # new, or the study changed this run's config
     marker = {"run": run.name, "seed": seed, "fingerprint": fp, "trained": False,
               "train_wall_s": marker.get("train_wall_s", 0.0),
+              "train_cpu_s": _cpu_so_far(marker),
               "train_attempts": marker.get("train_attempts", 0), "evaluations": {}}
   if not marker["trained"]:
     from hemijax.training import loop
 
     log(f"train {run.name} seed {seed} -> {folder}")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
       loop.train(config, folder, progress=progress)
     finally:  # an interrupted attempt's time counts too
       marker["train_wall_s"] += time.perf_counter() - start
+      cpu = _cpu_so_far(marker)
+      marker["train_cpu_s"] = None if cpu is None else cpu + time.process_time() - cpu_start
       marker["train_attempts"] += 1
       _write_marker(folder, marker)
     marker.update(trained=True, trained_at=_now(), commit=git_commit())
@@ -413,16 +422,16 @@ def _evaluate(folder, name, spec, progress, log, run, seed) -> dict:
 
   log(f"evaluate {run.name} seed {seed} on {spec['data']} ({spec['split']})")
   out = folder / EVAL_FOLDER / name
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   summary = evaluate_workdir(folder, data=spec["data"], split=spec["split"], out=out,
                              step=spec["step"], metric_options=spec.get("metric_options"),
                              unknown_regions="ignore", progress=progress)
-  wall = time.perf_counter() - start
+  wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
   reports = [str(pathlib.Path(r).resolve().relative_to(folder.resolve()))
              for r in summary.get("reports", ())
              if not pathlib.Path(r).name.startswith(("summary.", "comparison"))]
   extras = {k: v for k, v in summary.items() if k not in _SUMMARY_FIELDS}
-  return {"spec": spec, "wall_s": wall, "evaluated_at": _now(), "step": summary.get("step"),
+  return {"spec": spec, "wall_s": wall, "cpu_s": cpu, "evaluated_at": _now(), "step": summary.get("step"),
           "cases": str((out / "cases.csv").relative_to(folder)), "method": summary.get("method"),
           "modalities": list(summary["modalities"]), "regions": list(summary["regions"]),
           "metric_conventions": summary.get("metric_conventions"), "reports": reports,
@@ -671,7 +680,7 @@ def build_results(study: Study, workdir, *, command=None) -> dict:
       marker = markers.get((run.name, seed))
       if marker:
         seeds[str(seed)] = {k: marker.get(k) for k in (
-            "trained", "train_wall_s", "train_attempts", "trained_at", "commit")}
+            "trained", "train_wall_s", "train_cpu_s", "train_attempts", "trained_at", "commit")}
         seeds[str(seed)]["evaluations"] = marker.get("evaluations", {})
         curve = validation_curve(run_dir(workdir, run.name, seed))
         seeds[str(seed)].update(validation=curve, plateau_gain=plateau_gain(curve))
@@ -810,26 +819,34 @@ def _claims_section(claims) -> list[str]:
 
 
 def _runs_section(results, plots=None) -> list[str]:
-  lines = ["## Runs", "", "Training wall time: per seed, summed over attempts (an interrupted "
-           "attempt counts; includes data loading and compilation). Evaluated checkpoint step per "
+  lines = ["## Runs", "", "Training time: per seed, summed over attempts (an interrupted "
+           "attempt counts; includes data loading and compilation). Wall time also counts the "
+           "time other jobs took on the machine (or the process was paused); CPU time (all the "
+           "process's threads) does not, so it is the one to compare. Evaluation time: all of "
+           "the run's evaluations. Evaluated checkpoint step per "
            "seed. Validation gain: per seed, how much the best validation score (mean Dice with "
            f"all and with random modalities) rose over the last {PLATEAU_TAIL:.0%} of the run's "
-           f"steps; under {PLATEAU_GAIN} counts as levelled off (marked ✓).", "",
-           _row(["run", "config", "overrides", "seeds finished", "training wall time",
-                 "evaluation wall time", "checkpoint steps", "validation gain"]),
-           _row([":-"] * 3 + ["-:"] * 5)]
+           f"steps; under {PLATEAU_GAIN} counts as levelled off (marked ✓). –: not recorded.", "",
+           _row(["run", "config", "overrides", "seeds trained", "training wall time",
+                 "training CPU time", "evaluation wall time", "evaluation CPU time",
+                 "checkpoint steps", "validation gain"]),
+           _row([":-"] * 3 + ["-:"] * 7)]
   for run in results["runs"]:
     done = {s: i for s, i in run["finished"].items() if i.get("trained")}
     overrides = ", ".join(f"`{k}={v!r}`" for k, v in run["overrides"].items()) or "–"
+    per_seed = lambda cell: ", ".join(cell(i) for i in done.values()) or "–"
+    evaluation_time = lambda key: lambda i: (
+        _duration(sum(e[key] for e in i["evaluations"].values()))
+        if i["evaluations"] and all(key in e for e in i["evaluations"].values()) else "–")
     lines.append(_row([
         run["name"], f"`{run['config']}:{run['preset']}`", overrides,
         f"{len(done)} of {len(run['seeds'])}",
-        ", ".join(_duration(i["train_wall_s"]) for i in done.values()) or "–",
-        ", ".join(_duration(sum(e["wall_s"] for e in i["evaluations"].values()))
-                  for i in done.values()) or "–",
+        per_seed(lambda i: _duration(i["train_wall_s"])),
+        per_seed(lambda i: _duration(i.get("train_cpu_s"))),
+        per_seed(evaluation_time("wall_s")), per_seed(evaluation_time("cpu_s")),
         ", ".join(str(e.get("step")) for i in done.values() for e in i["evaluations"].values())
         or "–",
-        ", ".join(_gain(i.get("plateau_gain")) for i in done.values()) or "–"]))
+        per_seed(lambda i: _gain(i.get("plateau_gain")))]))
   if "validation" in (plots or {}):
     lines += ["", f"![Validation score against step, one line per seed]({plots['validation']})"]
   return lines + [""]
