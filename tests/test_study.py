@@ -275,7 +275,7 @@ def _install_fakes(monkeypatch, calls, fail_first_train=False, quality=None):
     (pathlib.Path(out) / "synthesis.md").write_text("# PSNR\n")
     return {"modalities": list(TUMOUR), "regions": ["WT"], "step": 3, "method": run,
             "reports": [str(pathlib.Path(out) / name) for name in ("summary.md", "synthesis.md")],
-            "synthesis": {"psnr": 20.0}}
+            "synthesis": {"psnr": 20.0, "note": "text", "missing": None}}
 
   monkeypatch.setattr(loop, "train", train)
   monkeypatch.setattr(evaluate, "evaluate_workdir", evaluate_workdir)
@@ -305,7 +305,8 @@ def test_interrupted_runs_resume_finished_ones_are_skipped(tmp_path, monkeypatch
   assert (marker["trained"], marker["train_attempts"]) == (True, 2)
   assert marker["train_cpu_s"] >= 0.0 and marker["evaluations"]["test"]["cpu_s"] >= 0.0
   assert study.read_marker(study.run_dir(workdir, "unet", 0))["train_cpu_s"] is None
-  assert marker["evaluations"]["test"]["extras"] == {"synthesis": {"psnr": 20.0}}
+  assert marker["evaluations"]["test"]["extras"] == {
+      "synthesis": {"psnr": 20.0, "note": "text", "missing": None}}
 
   calls.clear()
   (workdir / "report" / "sentinel").write_text("")
@@ -318,7 +319,12 @@ def test_interrupted_runs_resume_finished_ones_are_skipped(tmp_path, monkeypatch
   assert {c["status"] for c in results["claims"][1:]} == {"not run"}
   assert results["claims"][1]["detail"] == "not run or not finished: unet_dropout"
   assert (report / "extra" / "hemis" / "seed0" / "test" / "synthesis.md").is_file()
+  # The evaluators' numbers, per run over seeds (paths and None left out).
+  assert results["measures"] == [
+      {"run": run, "evaluation": "test", "measure": "synthesis.psnr", "seeds": {"0": 20.0},
+       "mean": 20.0, "sd": None} for run in ("hemis", "unet")]
   text = (report / "report.md").read_text()
+  assert "| hemis | test | `synthesis.psnr` | 20.000 | 20.000 (seed 0) |" in text
   assert "| HeMIS beats mean-filling" in text and "**holds**" in text
   assert "(extra/hemis/seed0/test/synthesis.md)" in text
   for heading in ("### Dice: WT", "### HD95 (mm): WT", "### ASSD (mm): WT", "### Wins, Dice"):
@@ -501,3 +507,15 @@ def test_run_reference_overrides_resolve_per_seed(tmp_path):
   with pytest.raises(ValueError, match="override impute.segmenter_from='run:u' needs a run 'u' "
                                        "listed before it"):
     study.parse_study(config, "s.py")
+
+
+def test_numeric_leaves_and_measures_over_seeds():
+  assert study.numeric_leaves({"a": {"b": 1, "c": "x", "d": None, "e": True, "f": float("nan")},
+                               "g": 2.5}) == {"a.b": 1.0, "g": 2.5}
+  runs = [{"name": "urn", "finished": {
+      "0": {"evaluations": {"e": {"extras": {"synthesis_psnr": {"t1": 20.0, "t2": None}}}}},
+      "1": {"evaluations": {"e": {"extras": {"synthesis_psnr": {"t1": 22.0}}}}},
+      "2": {"evaluations": {}}}}]
+  [measure] = study.run_measures(runs)
+  assert measure["measure"] == "synthesis_psnr.t1" and measure["seeds"] == {"0": 20.0, "1": 22.0}
+  assert measure["mean"] == 21.0 and measure["sd"] == pytest.approx(np.std([20.0, 22.0], ddof=1))

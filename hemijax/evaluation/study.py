@@ -461,6 +461,36 @@ def _mean_sd(values) -> tuple:
   return float(values.mean()), (float(values.std(ddof=1)) if values.size > 1 else None)
 
 
+def numeric_leaves(value, prefix: str = "") -> dict:
+  """{dotted key: number} of a nested mapping's finite numbers (paths, text and None left out)."""
+  if isinstance(value, Mapping):
+    out = {}
+    for key, item in value.items():
+      out.update(numeric_leaves(item, f"{prefix}{key}."))
+    return out
+  if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
+    return {prefix[:-1]: float(value)}
+  return {}
+
+
+def run_measures(runs) -> list[dict]:
+  """The numbers the runs' own evaluators reported (synthesis PSNR, classifier accuracy; the
+  `extras` of each evaluation): per run, evaluation and measure, each seed's value and the mean
+  and sample sd over seeds."""
+  out = []
+  for run in runs:
+    by_measure = collections.defaultdict(dict)
+    for seed, info in run["finished"].items():
+      for name, evaluation in info.get("evaluations", {}).items():
+        for key, value in numeric_leaves(evaluation.get("extras") or {}).items():
+          by_measure[(name, key)][seed] = value
+    for (name, key), values in by_measure.items():
+      mean, sd = _mean_sd(list(values.values()))
+      out.append({"run": run["name"], "evaluation": name, "measure": key, "seeds": values,
+                  "mean": mean, "sd": sd})
+  return out
+
+
 def run_cells(rows_by_seed: dict, metric: str) -> dict:
   """region -> subset -> {"seed_means": {seed: mean over its cases}, "cases": {case: mean over
   the seeds that scored it}}."""
@@ -692,7 +722,8 @@ def build_results(study: Study, workdir, *, command=None) -> dict:
   return {"title": study.title, "command": command, "rendered_at": _now(), "commit": git_commit(),
           "checkpoint_policy": study.step, "metrics": list(study.metrics),
           "overrides": study.overrides, "metric_conventions": conventions, "runs": runs,
-          "unfinished": unfinished, "groups": groups, "claims": check_claims(study, groups)}
+          "unfinished": unfinished, "groups": groups, "claims": check_claims(study, groups),
+          "measures": run_measures(runs)}
 
 
 def render_report(study: Study, workdir, *, command=None) -> pathlib.Path:
@@ -797,12 +828,29 @@ def report_markdown(results, plots=None, extras=()) -> str:
   lines += _claims_section(results["claims"]) + _runs_section(results, plots)
   for key, group in results["groups"].items():
     lines += _group_section(group, plots.get(key))
+  lines += _measures_section(results.get("measures"))
   if extras:
     lines += ["## The runs' own reports", ""]
     lines += [f"- {e['run']} seed {e['seed']} ({e['evaluation']}): [{pathlib.Path(e['path']).name}]"
               f"({e['path']})" for e in extras]
     lines.append("")
   return "\n".join(lines)
+
+
+def _measures_section(measures) -> list[str]:
+  if not measures:
+    return []
+  lines = ["## The runs' own measures", "", "What each method's own evaluator reported besides "
+           "segmentation (URN: synthesis PSNR in dB per synthesised modality, the mean over input "
+           "subsets; PIMMS: the modality classifier's accuracy): mean ± sample sd over seeds, "
+           "and each seed's value.", "",
+           _row(["run", "evaluation", "measure", "mean ± sd", "per seed"]),
+           _row([":-", ":-", ":-", "-:", "-:"])]
+  for m in measures:
+    sd = "" if m["sd"] is None else f" ± {m['sd']:.3f}"
+    lines.append(_row([m["run"], m["evaluation"], f"`{m['measure']}`", f"{m['mean']:.3f}{sd}",
+                       ", ".join(f"{v:.3f} (seed {s})" for s, v in m["seeds"].items())]))
+  return lines + [""]
 
 
 def _claims_section(claims) -> list[str]:
