@@ -840,9 +840,9 @@ def report_markdown(results, plots=None, extras=()) -> str:
 def _measures_section(measures) -> list[str]:
   if not measures:
     return []
-  lines = ["## The runs' own measures", "", "What each method's own evaluator reported besides "
-           "segmentation (URN: synthesis PSNR in dB per synthesised modality, the mean over input "
-           "subsets; PIMMS: the modality classifier's accuracy): mean ± sample sd over seeds, "
+  lines = ["## The runs' own measures", "", "What each method's own evaluators reported besides "
+           "segmentation (such as the PSNR in dB of each synthesised modality, averaged over "
+           "input subsets, or a modality classifier's accuracy): mean ± sample sd over seeds, "
            "and each seed's value.", "",
            _row(["run", "evaluation", "measure", "mean ± sd", "per seed"]),
            _row([":-", ":-", ":-", "-:", "-:"])]
