@@ -4,6 +4,7 @@ Float32 at "highest" matmul precision, so that differences are rounding only: ou
 gradients (input and kernel) must agree to a relative error (max |a - b| / max |b|) under 1e-5.
 """
 import itertools
+from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -99,8 +100,30 @@ def test_random_3d_matches_lax(data):
   rng = np.random.default_rng(draw(st.integers(0, 2**31)))
   x, kernel = random_case(rng, 3, size, window, draw(st.integers(1, 6)), draw(st.integers(1, 6)),
                           batch=draw(st.integers(1, 2)))
-  # "slots" in 3D is XLA's own convolution and gradients (the reference): the grid covers it.
-  check_against_lax(("planes", "matmul"), x, kernel, strides, dilation, padding)
+  # Both 3D kernel gradients: XLA's 2D one over depth-shifted planes (what small layers get) and
+  # the blocked loop (large layers).
+  from hemijax.nn import conv as conv_lib
+
+  max_work = draw(st.sampled_from((0, 1 << 62)))
+  with mock.patch.object(conv_lib, "_PLANES_KERNEL_GRAD_MAX_WORK", max_work):
+    # "slots" in 3D is XLA's own convolution and gradients (the reference): the grid covers it.
+    check_against_lax(("planes", "matmul"), x, kernel, strides, dilation, padding)
+
+
+@pytest.mark.parametrize("spatial,cin,cout,planes", [
+    ((8, 8, 8), 4, 4, True), ((32, 32, 32), 48, 48, False), ((8, 8), 4, 4, False)])
+def test_kernel_gradient_rule_per_layer(spatial, cin, cout, planes):
+  """Small 3D layers take XLA's 2D kernel gradient over planes; large ones and 2D layers (with
+  impl="planes") the blocked loop."""
+  from hemijax.nn import conv as conv_lib
+
+  x = jnp.zeros((2,) + spatial + (cin,))
+  kernel = jnp.zeros((3,) * len(spatial) + (cin, cout))
+  grad = jax.grad(lambda k: layers.conv(x, k, impl="planes").sum())
+  with mock.patch.object(conv_lib, "_planes_kernel_grad", wraps=conv_lib._planes_kernel_grad) as a, \
+       mock.patch.object(conv_lib, "_kernel_grad_loop", wraps=conv_lib._kernel_grad_loop) as b:
+    jax.make_jaxpr(grad)(kernel)
+  assert (a.call_count, b.call_count) == ((1, 0) if planes else (0, 1))
 
 
 def test_hemis_shapes_match_lax():
