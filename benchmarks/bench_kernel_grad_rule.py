@@ -68,6 +68,8 @@ def main(argv=None):
   parser.add_argument("--configs", default=",".join(CONFIGS))
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--layers", action="store_true", help="single layers instead of configs")
+  parser.add_argument("--max-work", type=int, default=conv_lib._PLANES_KERNEL_GRAD_MAX_WORK,
+                      help="the rule's threshold to try (default: the library's)")
   args = parser.parse_args(argv)
   log = lambda m: print(m, file=sys.stderr, flush=True)
   if args.layers:
@@ -81,7 +83,7 @@ def main(argv=None):
            "rule speed-up |", "|---|---:|---:|---:|---:|---:|---:|"]
   for spec in args.configs.split(","):
     log(spec)
-    rule = compiled_steps(spec, conv_lib._PLANES_KERNEL_GRAD_MAX_WORK)
+    rule = compiled_steps(spec, args.max_work)
     loop = compiled_steps(spec, 0)
     for stage in rule:
       times = time_interleaved({"rule": rule[stage], "loop": loop[stage]}, repeats=args.repeats,
@@ -92,8 +94,8 @@ def main(argv=None):
                    f"{t['loop'] / t['rule']:.2f}x | {c['rule']:.3f} | {c['loop']:.3f} | "
                    f"{c['loop'] / c['rule']:.2f}x |")
   print(f"# bench_kernel_grad_rule, jax {jax.__version__} on {jax.default_backend()}; medians of "
-        f"{args.repeats} rounds, the two alternated; threshold "
-        f"{conv_lib._PLANES_KERNEL_GRAD_MAX_WORK:,} multiply-adds per tap")
+        f"{args.repeats} rounds, the two alternated; threshold {args.max_work:,} multiply-adds "
+        "per tap")
   print("\n".join(lines))
 
 

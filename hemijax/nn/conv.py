@@ -57,9 +57,10 @@ _SEQUENTIAL_SLOT_BYTES = 128 << 20
 # Block loops are split into this many independent loops (see `_block_loop`).
 _LOOP_SPLIT = 2
 # 3D kernel gradients of at most this many multiply-adds per tap (output positions x Cin x Cout)
-# run as XLA's 2D kernel gradient over depth-shifted planes (`_planes_kernel_grad`): on small
-# layers the blocked loop's per-step cost dominates, and XLA's was 1.3-5.4x faster up to 8.4M;
-# from 16.8M on the loop was as fast or faster, up to 2.1x (docs/performance.md).
+# run as XLA's 2D kernel gradient over depth-shifted planes (`_planes_kernel_grad`), larger ones
+# as the blocked loop. Alone, XLA's was 1.25-2.0x faster up to 2.1M, mixed up to 8.4M and slower
+# from 16.8M on; in whole train steps this threshold beat 2.1M (disentanglement demo 1.37x over
+# the loop everywhere, against 1.17x; docs/performance.md).
 _PLANES_KERNEL_GRAD_MAX_WORK = 8 << 20
 
 
