@@ -39,6 +39,7 @@ import collections
 import csv
 import dataclasses
 import datetime
+import functools
 import hashlib
 import importlib.util
 import json
@@ -336,8 +337,11 @@ def _write_marker(folder, marker):
   atomic.write_json(pathlib.Path(folder) / MARKER, marker)
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
-  """`git describe --always --dirty` of the hemijax checkout, or None outside one."""
+  """`git describe --always --dirty` of the hemijax checkout, or None outside one; read once per
+  process (`run_study` reads it first), so that it names the code this process loaded even if
+  the checkout changes while it runs."""
   try:
     out = subprocess.run(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
                          capture_output=True, text=True, timeout=10)
@@ -631,6 +635,7 @@ def run_study(study: Study, workdir, *, train=True, progress=False, command=None
   held by others are left, it waits for them (polling every `poll_s` seconds).
   """
   workdir = pathlib.Path(workdir)
+  git_commit()  # the code this process runs, before its checkout can move
   if train:
     pending = [(run, seed) for run in study.runs for seed in run.seeds]
     while pending:
