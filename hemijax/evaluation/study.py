@@ -435,7 +435,8 @@ def _evaluate(folder, name, spec, progress, log, run, seed) -> dict:
              for r in summary.get("reports", ())
              if not pathlib.Path(r).name.startswith(("summary.", "comparison"))]
   extras = {k: v for k, v in summary.items() if k not in _SUMMARY_FIELDS}
-  return {"spec": spec, "wall_s": wall, "cpu_s": cpu, "evaluated_at": _now(), "step": summary.get("step"),
+  return {"spec": spec, "wall_s": wall, "cpu_s": cpu, "evaluated_at": _now(),
+          "step": summary.get("step"),
           "cases": str((out / "cases.csv").relative_to(folder)), "method": summary.get("method"),
           "modalities": list(summary["modalities"]), "regions": list(summary["regions"]),
           "metric_conventions": summary.get("metric_conventions"), "reports": reports,
@@ -879,7 +880,8 @@ def _runs_section(results, plots=None) -> list[str]:
            "the run's evaluations. Evaluated checkpoint step per "
            "seed. Validation gain: per seed, how much the best validation score (mean Dice with "
            f"all and with random modalities) rose over the last {PLATEAU_TAIL:.0%} of the run's "
-           f"steps; under {PLATEAU_GAIN} counts as levelled off (marked ✓). –: not recorded.", "",
+           f"steps; under {PLATEAU_GAIN} counts as levelled off (marked ✓). –: not recorded.",
+           "",
            _row(["run", "config", "overrides", "seeds trained", "training wall time",
                  "training CPU time", "evaluation wall time", "evaluation CPU time",
                  "checkpoint steps", "validation gain"]),
