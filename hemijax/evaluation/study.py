@@ -239,21 +239,25 @@ def method_config(study: Study, run: Run, seed: int, workdir="."):
   where = f"{study.source}: run {run.name!r}"
   config = _load_config_module(run.config, where).get_config(run.preset)
   apply_overrides(config, study.overrides, f"{study.source}: overrides ({run.name})")
-  overrides = {k: (str(run_dir(workdir, v[len(RUN_REFERENCE):], seed).absolute())
-                   if isinstance(v, str) and v.startswith(RUN_REFERENCE) else v)
+  references = run_references(run)
+  overrides = {k: (str(run_dir(workdir, references[k], seed).absolute()) if k in references else v)
                for k, v in run.overrides.items()}
   apply_overrides(config, overrides, where)
   config.seed = int(seed)
   return config
 
 
+def run_references(run: Run) -> dict:
+  """{override key: run name} of the run's "run:NAME" override values."""
+  return {key: value[len(RUN_REFERENCE):] for key, value in run.overrides.items()
+          if isinstance(value, str) and value.startswith(RUN_REFERENCE)}
+
+
 def _check_run_references(runs, source):
   """A "run:NAME" override names a run listed earlier (trained first) with the same seeds."""
   for i, run in enumerate(runs):
-    for key, value in run.overrides.items():
-      if not (isinstance(value, str) and value.startswith(RUN_REFERENCE)):
-        continue
-      name = value[len(RUN_REFERENCE):]
+    for key, name in run_references(run).items():
+      value = run.overrides[key]
       earlier = {r.name: r for r in runs[:i]}
       if name not in earlier:
         raise ValueError(f"{source}: run {run.name!r}: override {key}={value!r} needs a run "
@@ -365,12 +369,6 @@ def run_finished(study: Study, run: Run, seed: int, workdir) -> bool:
   """Whether the run x seed's marker says it is trained and evaluated as the study asks now."""
   _, fp, specs = _resolved(study, run, seed, workdir)
   return is_finished(read_marker(run_dir(workdir, run.name, seed)), fp, specs)
-
-
-def referenced_runs(run: Run) -> list[str]:
-  """The runs whose folders `run`'s "run:NAME" overrides use (they must finish first)."""
-  return [v[len(RUN_REFERENCE):] for v in run.overrides.values()
-          if isinstance(v, str) and v.startswith(RUN_REFERENCE)]
 
 
 def _cpu_so_far(marker) -> float | None:
@@ -642,8 +640,8 @@ def run_study(study: Study, workdir, *, train=True, progress=False, command=None
     while pending:
       left = []
       for run, seed in pending:
-        if not all(run_finished(study, study.run(name), seed, workdir)
-                   for name in referenced_runs(run)):
+        if not all(run_finished(study, study.run(name), seed, workdir)  # they must finish first
+                   for name in run_references(run).values()):
           left.append((run, seed))
           continue
         folder = run_dir(workdir, run.name, seed)
