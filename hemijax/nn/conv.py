@@ -311,7 +311,8 @@ def _kernel_grad(x, g, window, strides, dilation, pads):
   """dL/dkernel = sum over output positions of input patch^T @ output gradient.
 
   XLA lowers this as a convolution with an output-sized window, which XLA:CPU runs slowly; here
-  it is a loop over cache-sized blocks of outputs, each one tap-stacked matrix product. Under vmap
+  it is a loop over cache-sized blocks of outputs, each one tap-stacked matrix product, except for
+  small 3D layers (`_PLANES_KERNEL_GRAD_MAX_WORK`), which take `_planes_kernel_grad`. Under vmap
   the loop is repeated per mapped slot: separate loops (which XLA may run concurrently) beat one
   loop over batched products.
   """
