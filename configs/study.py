@@ -41,6 +41,9 @@ CLAIMS = (
          missing=("flair",),
          text="Modality dropout rescues the U-Net without FLAIR (mean WT over the subsets lacking "
               "FLAIR)"),
+    dict(kind="beats_in_subsets", run="urn_md", baseline="unet_dropout", region="WT",
+         min_subsets=14, strict=False,
+         text="URN + MD (no pre-training) ≥ U-Net + MD on WT in ≥ 14 of 15 subsets"),
     dict(kind="beats_in_subsets", run="urn_pooled", baseline="unet_dropout", region="WT",
          min_subsets=14, strict=False,
          text="URN + MD (pooled pre-training data) ≥ U-Net + MD on WT in ≥ 14 of 15 subsets"),
@@ -79,8 +82,13 @@ def study_runs(preset: str) -> list[dict]:
       _run("unet_dropout", "unet", f"{preset}_dropout", tumour),
       # The HeMIS paper's two baselines share one network: the MLPs impute into this seed's U-Net.
       _run("mlp_impute", "mlp_impute", preset, tumour, **{"impute.segmenter_from": "run:unet"}),
-      _run("urn", "urn", preset, tumour, **{"pretrain.healthy_subjects": 0}),
+      # The URN paper's two rows: "URN + MD" (no pre-training, encoders trained end to end) and
+      # "URN + MD with pooled healthy data" (synthesis pre-training on tumour + healthy volumes,
+      # then segmentation on the frozen encoders); and, between them, pre-training on the task's
+      # own training volumes only.
+      _run("urn_md", "urn", f"{preset}_md", tumour),
       _run("urn_pooled", "urn", preset, tumour),
+      _run("urn_taskdata", "urn", preset, tumour, **{"pretrain.healthy_subjects": 0}),
       _run("disentangle", "disentangle", preset, other),
       _run("disentangle_mean", "disentangle", preset, other,
            **{"model.fusion": "mean", "model.disentangle": False}),

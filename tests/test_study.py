@@ -196,8 +196,8 @@ def test_study_presets_parse_and_their_run_configs_load():
       config = study.method_config(spec, run, run.seeds[-1])
       assert config.seed == run.seeds[-1]
   demo = study.parse_study(study_config.get_config("demo"))
-  assert min(len(demo.run(n).seeds) for n in ("hemis", "unet", "unet_dropout", "mlp_impute", "urn",
-                                              "urn_pooled")) >= 3
+  assert min(len(demo.run(n).seeds) for n in ("hemis", "unet", "unet_dropout", "mlp_impute", "urn_md",
+                                              "urn_pooled", "urn_taskdata")) >= 3
   assert study.method_config(demo, demo.run("joint_tissue_only"), 0).variant == "tissue_only"
 
 

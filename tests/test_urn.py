@@ -240,6 +240,9 @@ def test_variants_md_and_md_pooled():
   assert (pooled.variant, md.variant, md.pretrain.num_steps) == ("md_pooled", "md", 0)
   assert pooled.pretrain.num_steps > 0
   assert urn_config.get_config("paper_md").loss.dice_weight == 0.0   # the paper: cross-entropy
+  # Only the pre-trained variant has trained synthesis decoders to report on.
+  assert [e.__name__ for e in get_method(pooled).evaluators] == ["synthesis_evaluator"]
+  assert get_method(md).evaluators == ()
   md.pretrain.num_steps = 5
   with pytest.raises(ValueError, match="config.pretrain.num_steps"):
     get_method(md)

@@ -7,5 +7,10 @@ from hemijax.models.urn.synthesis import synthesis_evaluator
 
 
 def build(config):
-  """The URN `Method`, with the synthesis PSNR report among its evaluators."""
-  return dataclasses.replace(model.build(config), evaluators=(synthesis_evaluator,))
+  """The URN `Method`, with the synthesis PSNR report among its evaluators when it pre-trains."""
+  method = model.build(config)
+  if config.get("variant", "md_pooled") == "md":
+    # No pre-training: the synthesis decoders are never trained, so their PSNR would say nothing
+    # (and computing it costs more than the segmentation evaluation).
+    return method
+  return dataclasses.replace(method, evaluators=(synthesis_evaluator,))
