@@ -77,7 +77,8 @@ def test_gradients_finite_with_one_modality_and_nan_in_absent_slots():
   image = jax.random.normal(jax.random.key(0), (1, 8, 8, 3)).at[..., 1:].set(jnp.nan)
   mask = jnp.array([[True, False, False]])
   variables = model.init(jax.random.key(1), image, mask)
-  grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, image, mask)))(variables["params"])
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, image, mask))))(
+      variables["params"])
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
 
@@ -184,8 +185,9 @@ def test_final_layer_phase_changes_only_the_final_layer():
   opt = stages_lib.stage_optimizer(stage)
   opt_state = opt.init(params)
   new = params
+  gradient = jax.jit(jax.grad(stage.loss_fn, has_aux=True))  # one compilation for the 3 steps
   for step in range(3):
-    grads, _ = jax.grad(stage.loss_fn, has_aux=True)(new, {}, batch, jax.random.key(step), step)
+    grads, _ = gradient(new, {}, batch, jax.random.key(step), step)
     updates, opt_state = opt.update(grads, opt_state, new)
     new = optax.apply_updates(new, updates)
   for name in params:

@@ -187,11 +187,11 @@ def test_soft_mapping_gradient_reaches_every_slot(rule):
     out = method.model.apply(variables, image, scan_mask, probs, method="segment_mapped")
     return jnp.sum(jax.nn.log_softmax(out, axis=-1)[..., 1])
 
-  grad_probs = jax.grad(loss_of_probs)(jax.nn.softmax(logits, axis=-1))
+  grad_probs = jax.jit(jax.grad(loss_of_probs))(jax.nn.softmax(logits, axis=-1))
   per_slot = np.abs(np.asarray(grad_probs)).sum(axis=(0, 1))
   if rule == "all":
     assert np.all(per_slot > 0), per_slot
-    grad_logits = jax.grad(lambda z: loss_of_probs(jax.nn.softmax(z, axis=-1)))(logits)
+    grad_logits = jax.jit(jax.grad(lambda z: loss_of_probs(jax.nn.softmax(z, axis=-1))))(logits)
     assert np.all(np.abs(np.asarray(grad_logits)) > 0)
   else:
     assert per_slot[0] > 0 and np.all(per_slot[1:] == 0), per_slot
