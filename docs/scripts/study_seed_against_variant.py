@@ -1,11 +1,12 @@
-"""One study seed against the same run trained longer: Dice per subset, and a claim recounted.
+"""One study seed against a variant of it (trained longer, another option): Dice per subset, and
+a claim recounted.
 
-Did a seed that the study's levelling criterion flags gain anything on the test cases from a
+E.g. did a seed that the study's levelling criterion flags gain anything on the test cases from a
 longer budget? Compares the seed's evaluation in the study with another evaluation of the same
 cases (`evaluate.py --out`), and recounts "REFERENCE beats RUN on REGION in k of the subsets"
 with the seed replaced.
 
-  python docs/scripts/study_seed_against_longer_run.py --study runs/study --run unet --seed 1 \
+  python docs/scripts/study_seed_against_variant.py --study runs/study --run unet --seed 1 \
       --cases runs/unet_s1_3000/eval_unseen30/cases.csv --reference hemis
 """
 import argparse
@@ -33,6 +34,7 @@ def main():
   parser.add_argument("--evaluation", default="unseen30", help="the study's evaluation name")
   parser.add_argument("--reference", required=True, help="the run the claim compares against")
   parser.add_argument("--region", default="WT")
+  parser.add_argument("--label", default="longer run", help="what the other evaluation is")
   args = parser.parse_args()
 
   runs = pathlib.Path(args.study) / "runs"
@@ -45,7 +47,7 @@ def main():
   longer = subset_means(args.cases)
   subsets = sorted({s for s, _ in study_seed if s != "as_acquired" and (s, args.region) in longer},
                    key=lambda s: (s.count("+"), s))
-  print(f"| subset | {args.region} in the study | {args.region}, longer run | difference |")
+  print(f"| subset | {args.region} in the study | {args.region}, {args.label} | difference |")
   print("| :- | -: | -: | -: |")
   for s in subsets:
     a, b = study_seed[(s, args.region)], longer[(s, args.region)]
@@ -54,12 +56,12 @@ def main():
   for region in ("WT", "TC", "ET"):
     a = statistics.mean(study_seed[(s, region)] for s in subsets)
     b = statistics.mean(longer[(s, region)] for s in subsets)
-    print(f"mean {region} over the {len(subsets)} subsets: study {a:.3f}, longer run {b:.3f} "
+    print(f"mean {region} over the {len(subsets)} subsets: study {a:.3f}, {args.label} {b:.3f} "
           f"({b - a:+.3f})")
 
   reference = [subset_means(seed_cases(args.reference, k)) for k in seeds_of(args.reference)]
   others = [subset_means(seed_cases(args.run, k)) for k in seeds_of(args.run) if k != args.seed]
-  for label, replaced in (("as in the study", study_seed), ("with the longer run", longer)):
+  for label, replaced in (("as in the study", study_seed), (f"with the {args.label}", longer)):
     wins = sum(
         statistics.mean(m[(s, args.region)] for m in reference)
         > statistics.mean(m[(s, args.region)] for m in others + [replaced]) for s in subsets)
