@@ -9,7 +9,7 @@ from hemijax.models.urn.synthesis import synthesis_evaluator
 def build(config):
   """The URN `Method`, with the synthesis PSNR report among its evaluators when it pre-trains."""
   method = model.build(config)
-  if config.get("variant", "md_pooled") == "md":
+  if not model.pretrains(config):
     # No pre-training: the synthesis decoders are never trained, so their PSNR would say nothing
     # (and computing it costs more than the segmentation evaluation).
     return method

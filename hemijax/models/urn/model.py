@@ -296,6 +296,11 @@ def pretrain_batches(config, load_split):
 VARIANTS = ("md_pooled", "md")
 
 
+def pretrains(config) -> bool:
+  """Whether the variant has the synthesis pre-training stage ("md_pooled"; "md" has none)."""
+  return config.get("variant", "md_pooled") != "md"
+
+
 def check_config(config):
   m, p = config.model, config.pretrain
   variant = config.get("variant", "md_pooled")
@@ -338,7 +343,7 @@ def build(config) -> base.Method:
   model = base.model_from_config(URN, m, num_modalities=len(modalities),
                                  num_classes=task.num_classes)
   multiple = max(unet.size_multiple(m.features), unet.size_multiple(m.encoder_features))
-  if config.get("variant", "md_pooled") == "md":
+  if not pretrains(config):
     # "URN + MD": encoders trained end to end on segmentation, no pre-training stage.
     seg_loss = segmentation_loss(model, config, train_encoders=True)
     return base.Method(name="urn", model=model, loss_fn=seg_loss, modalities=modalities,
