@@ -138,6 +138,59 @@ def test_within_points():
   assert claims.check(several, means)["holds"] is False
 
 
+def _cases(per_subset):
+  """run -> subset -> per-case values (lists) into the claims' per-case layout (WT Dice)."""
+  return {run: {"dice": {"WT": {s: {f"c{i}": float(v) for i, v in enumerate(values)}
+                                for s, values in by_subset.items()}}}
+          for run, by_subset in per_subset.items()}
+
+
+def test_claims_report_paired_evidence_holm_corrected_over_the_subsets():
+  rng = np.random.default_rng(0)
+  base = {s: rng.uniform(0.4, 0.6, 30) for s in SUBSETS}
+  ours = {s: base[s] + rng.normal(0, 0.05, 30) for s in SUBSETS}   # noise: no difference
+  for s in SUBSETS[0], SUBSETS[3]:
+    ours[s] = base[s] + 0.1 + rng.uniform(0, 0.01, 30)   # better on every case
+  ours[SUBSETS[1]] = base[SUBSETS[1]] - 0.1 - rng.uniform(0, 0.01, 30)   # worse on every case
+  # Differences of ranks 1..30, the 15 smallest negative: p about 0.02 alone, not after Holm
+  # over 15 subsets.
+  ours[SUBSETS[2]] = base[SUBSETS[2]] + np.where(np.arange(30) < 15, -1, 1) * (
+      1 + np.arange(30)) / 1000
+  alone = stats.wilcoxon(ours[SUBSETS[2]], base[SUBSETS[2]]).pvalue
+  assert alone < 0.05 and alone * 13 > 0.05
+  cases = _cases({"urn": ours, "unet": base})
+  means = {run: {"dice": {"WT": {s: float(np.mean(v)) for s, v in by.items()}}}
+           for run, by in (("urn", ours), ("unet", base))}
+  claim = dict(kind="beats_in_subsets", run="urn", baseline="unet", region="WT", min_subsets=14,
+               strict=False)
+  plain, paired = claims.check(claim, means), claims.check(claim, means, cases)
+  assert (plain["holds"], "evidence" in plain) == (paired["holds"], False)
+  [evidence] = paired["evidence"]
+  assert (evidence["better"], evidence["worse"], evidence["subsets"]) == (2, 1, 15)
+  expected = statistics.holm([statistics.paired_comparison(cases["urn"]["dice"]["WT"][s],
+                                                           cases["unet"]["dice"]["WT"][s])["p"]
+                              for s in SUBSETS])
+  assert list(evidence["p_holm"].values()) == pytest.approx(expected)
+  assert "significantly better in 2, worse in 1" in paired["detail"]
+  # Distances: lower is better, so the same numbers as HD95 swap better and worse.
+  hd = claims.check(dict(claim, metric="hd95"),
+                    {r: {"hd95": m["dice"]} for r, m in means.items()},
+                    {r: {"hd95": c["dice"]} for r, c in cases.items()})
+  assert (hd["evidence"][0]["better"], hd["evidence"][0]["worse"]) == (1, 2)
+  # The averaging kinds: one test of each case's mean over the claim's subsets.
+  average = claims.check(dict(kind="better_on_average", run="urn", baseline="unet", region="WT",
+                              missing=("flair",)), means, cases)
+  without = [s for s in SUBSETS if "flair" not in s.split("+")]
+  case_mean = lambda by: [np.mean([by[s][i] for s in without]) for i in range(30)]
+  [evidence] = average["evidence"]
+  assert evidence["n"] == 30 and evidence["p"] == pytest.approx(
+      stats.wilcoxon(case_mean(ours), case_mean(base)).pvalue)
+  # A case one run lacks in one of the subsets is left out of the case means.
+  del cases["urn"]["dice"]["WT"][without[0]]["c0"]
+  assert claims.check(dict(kind="within_points", run="urn", baseline="unet", region="WT",
+                           points=2, missing=("flair",)), means, cases)["evidence"][0]["n"] == 29
+
+
 def test_claim_config_errors_name_the_entry():
   with pytest.raises(ValueError, match=r"claims\[0\]: unknown kind"):
     claims.validate([dict(kind="beats_everything")])

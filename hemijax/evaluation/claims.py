@@ -22,11 +22,20 @@ modalities; better means higher for Dice and lower for distances, `HIGHER_IS_BET
                       the subsets is at most `points` below the baseline's (two_sided: at most
                       `points` away on either side). For metrics in [0, 1] that are higher-better.
 An optional `text` replaces the generated sentence.
+
+Paired evidence (`check(..., cases=...)`, per-case values): the verdict is on the means, but a
+count like "≥ in 7 of 15" cannot tell a real deficit from noise. So each check also reports the
+paired Wilcoxon tests over the cases both runs were scored on (hemijax.evaluation.statistics):
+`beats_in_subsets`, one test per subset, Holm-corrected over the claim's subsets: in how many the
+run is significantly better and in how many significantly worse; the two averaging kinds, one test
+of each case's mean over the claim's subsets (the cases scored on all of them): p, the
+rank-biserial r and n. It goes into `detail` and, as data, into `evidence`.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from hemijax.evaluation import statistics
 from hemijax.evaluation.metrics import HIGHER_IS_BETTER
 
 HOLDS, DOES_NOT_HOLD, NOT_RUN = "holds", "does not hold", "not run"
@@ -126,15 +135,16 @@ def _paired_cells(means, claim, run, baseline, region):
   return subsets, np.array([ours[s] for s in subsets]), np.array([theirs[s] for s in subsets])
 
 
-def check(claim, means) -> dict:
-  """Evaluates one claim on `means` (see the module docstring)."""
+def check(claim, means, cases=None) -> dict:
+  """Evaluates one claim on `means`; with `cases` (run -> metric -> region -> subset -> {case id:
+  value}, each case's mean over seeds) also the paired evidence (see the module docstring)."""
   claim = validate([claim])[0]
   result = {"text": describe(claim), "kind": claim["kind"], "claim": claim}
   absent = [r for r in runs_needed(claim) if r not in means]
   if absent:
     return dict(result, status=NOT_RUN, holds=None, detail=f"not run: {', '.join(absent)}")
   metric = claim.get("metric", "dice")
-  verdicts, details = [], []
+  verdicts, details, evidence = [], [], []
   for baseline in _names(claim["baseline"]):
     for region in _names(claim["region"]):
       cells = _paired_cells(means, claim, claim["run"], baseline, region)
@@ -144,10 +154,50 @@ def check(claim, means) -> dict:
                            f"{_filter_words(claim)}")
       holds, detail = _KINDS[claim["kind"]](claim, metric, *cells)
       verdicts.append(holds)
+      if cases is not None:
+        paired = paired_evidence(claim, cases, baseline, region, cells[0])
+        if paired is not None:
+          evidence.append(dict(paired, baseline=baseline, region=region))
+          detail += f"; {paired['text']}"
       details.append(f"{region} vs {baseline}: {detail}")
   holds = all(verdicts)
-  return dict(result, status=HOLDS if holds else DOES_NOT_HOLD, holds=holds,
-              detail="; ".join(details))
+  out = dict(result, status=HOLDS if holds else DOES_NOT_HOLD, holds=holds,
+             detail="; ".join(details))
+  return dict(out, evidence=evidence) if cases is not None else out
+
+
+def paired_evidence(claim, cases, baseline, region, subsets) -> dict | None:
+  """The paired tests behind one (baseline, region) of a claim (module docstring), or None when
+  the per-case values are missing."""
+  metric = claim.get("metric", "dice")
+  try:
+    ours = {s: cases[claim["run"]][metric][region][s] for s in subsets}
+    theirs = {s: cases[baseline][metric][region][s] for s in subsets}
+  except KeyError:
+    return None
+  sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+  if claim["kind"] == "beats_in_subsets":
+    tests = [statistics.paired_comparison(ours[s], theirs[s]) for s in subsets]
+    adjusted = statistics.holm([t["p"] for t in tests])
+    significant = [(p is not None and p < statistics.SIGNIFICANCE, t["mean_difference"])
+                   for p, t in zip(adjusted, tests)]
+    better = sum(1 for hit, d in significant if hit and sign * d > 0)
+    worse = sum(1 for hit, d in significant if hit and sign * d < 0)
+    return {"kind": "per_subset", "subsets": len(subsets), "better": better, "worse": worse,
+            "p_holm": dict(zip(subsets, adjusted)),
+            "text": (f"paired over cases (Wilcoxon, Holm over the {len(subsets)} subsets, "
+                     f"p < {statistics.SIGNIFICANCE}): significantly better in {better}, worse in {worse}")}
+  # Each case's mean over the subsets, over the cases both runs were scored on in all of them.
+  common = set.intersection(*(set(ours[s]) & set(theirs[s]) for s in subsets))
+  per_case = lambda by_subset: {c: float(np.mean([by_subset[s][c] for s in subsets]))
+                                for c in common}
+  test = statistics.paired_comparison(per_case(ours), per_case(theirs))
+  if test["p"] is None:
+    return None
+  return {"kind": "case_means", "n": test["n"], "p": test["p"], "effect": test["effect"],
+          "mean_difference": test["mean_difference"],
+          "text": (f"paired over the {test['n']} cases' means (Wilcoxon): p={test['p']:.3g}, "
+                   f"r={test['effect']:+.2f}")}
 
 
 def _beats_in_subsets(claim, metric, subsets, ours, theirs):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
+SIGNIFICANCE = 0.05  # Holm-adjusted p-values below it count as significant
 PERMUTATION_LIMIT = 13  # scipy's "auto" runs exhaustive permutations up to this many pairs
 
 

@@ -67,7 +67,6 @@ DEFAULT_METRICS = ("dice", "hd95", "assd")
 METRIC_DISPLAY = {"dice": "Dice", "hd95": "HD95 (mm)", "assd": "ASSD (mm)",
                   "sensitivity": "Sensitivity", "precision": "Precision"}
 DECIMALS = {"dice": 3, "sensitivity": 3, "precision": 3}  # others (distances in mm): 2
-SIGNIFICANCE = 0.05  # marks Holm-adjusted p-values below it in the Markdown
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.+")
 
@@ -596,17 +595,30 @@ def claim_means(group: dict) -> dict:
   return means
 
 
-def check_claims(study: Study, groups: dict) -> list[dict]:
-  """Every claim of the study against the group (of its evaluation) that holds all its runs."""
+def claim_cases(rows: dict, runs, metrics) -> dict:
+  """run -> metric -> region -> subset -> {case id: mean over seeds}, for the claims' paired
+  evidence; `rows`: run -> seed -> cases.csv rows (as in `group_results`)."""
+  return {run: {m: {region: {s: cell["cases"] for s, cell in by_subset.items()}
+                    for region, by_subset in run_cells(rows[run], m).items()} for m in metrics}
+          for run in runs if run in rows}
+
+
+def check_claims(study: Study, groups: dict, rows: dict | None = None) -> list[dict]:
+  """Every claim of the study against the group (of its evaluation) that holds all its runs;
+  `rows` (group key -> run -> seed -> cases.csv rows) adds each claim's paired evidence."""
   out = []
   default_evaluation = study.evaluations[0].name
   for claim in study.claims:
     evaluation = claim.get("evaluation", default_evaluation)
     needed = claims_lib.runs_needed(claim)
     candidates = [g for g in groups.values() if g["evaluation"] == evaluation]
-    group = next((g for g in candidates if set(needed) <= set(g["runs"])), None)
-    if group is not None:
-      result = claims_lib.check(claim, claim_means(group))
+    key = next((k for k, g in groups.items()
+                if g["evaluation"] == evaluation and set(needed) <= set(g["runs"])), None)
+    if key is not None:
+      group = groups[key]
+      cases = (claim_cases(rows[key], needed, study.metrics)
+               if rows is not None and key in rows else None)
+      result = claims_lib.check(claim, claim_means(group), cases)
     else:
       result = claims_lib.check(claim, {})  # for its text
       absent = [r for r in needed if not any(r in g["runs"] for g in candidates)]
@@ -726,7 +738,8 @@ def build_results(study: Study, workdir, *, command=None) -> dict:
   return {"title": study.title, "command": command, "rendered_at": _now(), "commit": git_commit(),
           "checkpoint_policy": study.step, "metrics": list(study.metrics),
           "overrides": study.overrides, "metric_conventions": conventions, "runs": runs,
-          "unfinished": unfinished, "groups": groups, "claims": check_claims(study, groups),
+          "unfinished": unfinished, "groups": groups,
+          "claims": check_claims(study, groups, {k: g["rows"] for k, g in groups_in.items()}),
           "measures": run_measures(runs)}
 
 
@@ -861,7 +874,11 @@ def _claims_section(claims) -> list[str]:
   if not claims:
     return []
   lines = ["## Claims", "", "Each claim is computed from the tables below (per subset, the mean "
-           "over seeds; the as-acquired row is not a subset).", "",
+           "over seeds; the as-acquired row is not a subset). The verdict is on those means; "
+           "after it, the paired Wilcoxon tests over the cases (each case's mean over seeds) "
+           "say which differences are significant: per subset, Holm-corrected over the claim's "
+           f"subsets (p < {statistics.SIGNIFICANCE}), or of each case's mean over the subsets.",
+           "",
            _row(["claim", "result", "numbers"]), _row([":-", ":-", ":-"])]
   for claim in claims:
     status = {"holds": "**holds**", "does not hold": "**does not hold**"}.get(
@@ -940,7 +957,7 @@ def _group_section(group, plot) -> list[str]:
         count = sum(len(v) for v in tests.values())
         lines += [f"Paired Wilcoxon against {reference} over the cases both were scored on "
                   f"(seed-averaged per case), Holm-corrected over the {count} tests of this "
-                  f"table: p (* below {SIGNIFICANCE}), and the matched-pairs rank-biserial r "
+                  f"table: p (* below {statistics.SIGNIFICANCE}), and the matched-pairs rank-biserial r "
                   f"(run - {reference}: + means higher values).", "",
                   _row(names + others), _row([":-:"] * len(names) + ["-:"] * len(others))]
         for subset in table:
@@ -950,7 +967,7 @@ def _group_section(group, plot) -> list[str]:
             if test is None or test["p"] is None:
               cells.append("–")
               continue
-            star = "*" if test["p_holm"] < SIGNIFICANCE else ""
+            star = "*" if test["p_holm"] < statistics.SIGNIFICANCE else ""
             cells.append(f"p={test['p_holm']:.3g}{star} r={test['effect']:+.2f} (n={test['n']})")
           lines.append(_row(_subset_cells(subset, modalities) + cells))
         lines.append("")
