@@ -252,6 +252,18 @@ def test_study_presets_parse_and_their_run_configs_load():
   assert min(len(demo.run(n).seeds) for n in ("hemis", "unet", "unet_dropout", "mlp_impute", "urn_md",
                                               "urn_pooled", "urn_taskdata")) >= 3
   assert study.method_config(demo, demo.run("joint_tissue_only"), 0).variant == "tissue_only"
+  # The study's budgets: every disentanglement run 2000 steps (its ablations alike), PIMMS and
+  # joint validated every 100 steps; the paper preset keeps its methods' own.
+  for name in ("disentangle", "disentangle_mean", "disentangle_mean_dis"):
+    config = study.method_config(demo, demo.run(name), 0)
+    assert (config.train.num_steps, config.train.eval_every) == (2000, 200)
+  assert study.method_config(demo, demo.run("disentangle_mean"), 0).model.disentangle is False
+  for name in ("pimms_soft", "joint_lesion_only"):
+    config = study.method_config(demo, demo.run(name), 0)
+    assert (config.train.eval_every, config.train.checkpoint_every, config.train.num_steps) == (
+        100, 100, 800)
+  paper = study.parse_study(study_config.get_config("paper"))
+  assert study.method_config(paper, paper.run("disentangle"), 0).train.num_steps == 50000
 
 
 def test_study_config_errors_name_the_field():
@@ -534,10 +546,13 @@ def test_smoke_study_end_to_end_resumes_and_rerenders(tmp_path, seeds):
 
 def test_plateau_gain_of_validation_curves(tmp_path):
   """The rise of the best validation score over the last quarter of the steps."""
-  rising = [[100, 0.2], [200, 0.4], [300, 0.5], [400, 0.7]]
+  rising = [[100, 0.2], [200, 0.4], [300, 0.5], [350, 0.6], [400, 0.7]]
   assert study.plateau_gain(rising) == pytest.approx(0.2)       # 0.7 - max(0.2, 0.4, 0.5)
-  flat = [[100, 0.6], [200, 0.8], [300, 0.81], [400, 0.79]]
+  flat = [[100, 0.6], [200, 0.8], [300, 0.81], [350, 0.78], [400, 0.79]]
   assert study.plateau_gain(flat) == pytest.approx(0.0)         # the best came before the tail
+  # One validation in the tail cannot show a trend: the disentanglement demo's 600 steps,
+  # validated every 200, would read as levelled off at 0.2.
+  assert study.plateau_gain([[200, 0.09], [400, 0.22], [600, 0.20]]) is None
   assert study.plateau_gain([[400, 0.7]]) is None
   assert study.plateau_gain([]) is None
   lines = [{"split": "train", "step": 50, "loss": 1.0},

@@ -276,8 +276,12 @@ def run_dir(workdir, run_name: str, seed: int) -> pathlib.Path:
 
 # A run has levelled off when its best validation score rose by less than PLATEAU_GAIN over the
 # last PLATEAU_TAIL of its validated steps (the issue asks for budgets where validation levelled).
+# With fewer than PLATEAU_MIN_TAIL validations in that tail the question stays open: one late
+# score below an early best says nothing about the trend (600 steps validated every 200 once read
+# as levelled with a score of 0.2).
 PLATEAU_TAIL = 0.25
 PLATEAU_GAIN = 0.01
+PLATEAU_MIN_TAIL = 2
 VALIDATION_SCORE = "val_score"  # hemijax.training.checkpoints.BEST_METRIC, what "best" picks
 
 
@@ -293,12 +297,13 @@ def validation_curve(folder) -> list[list[float]]:
 
 def plateau_gain(curve, tail: float = PLATEAU_TAIL) -> float | None:
   """How much the best validation score rose during the last `tail` of the run's steps: the best
-  score overall minus the best one before the tail. None without a score before the tail."""
+  score overall minus the best one before the tail. None without a score before the tail or with
+  fewer than PLATEAU_MIN_TAIL scores in it."""
   if not curve:
     return None
   last = curve[-1][0]
   before = [score for step, score in curve if step <= (1.0 - tail) * last]
-  if not before:
+  if not before or len(curve) - len(before) < PLATEAU_MIN_TAIL:
     return None
   return max(score for _, score in curve) - max(before)
 
@@ -895,7 +900,8 @@ def _runs_section(results, plots=None) -> list[str]:
            "the run's evaluations. Evaluated checkpoint step per "
            "seed. Validation gain: per seed, how much the best validation score (mean Dice with "
            f"all and with random modalities) rose over the last {PLATEAU_TAIL:.0%} of the run's "
-           f"steps; under {PLATEAU_GAIN} counts as levelled off (marked ✓). –: not recorded.",
+           f"steps; under {PLATEAU_GAIN} counts as levelled off (marked ✓); ?: too few validations to "
+           f"tell (fewer than {PLATEAU_MIN_TAIL} in that last part). –: not recorded.",
            "",
            _row(["run", "config", "overrides", "seeds trained", "training wall time",
                  "training CPU time", "evaluation wall time", "evaluation CPU time",
