@@ -43,6 +43,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import compiled_memory, matmul_peak_gflops, time_interleaved  # noqa: E402
+from hemijax import runtime  # noqa: E402
 from hemijax.nn import fusion
 from hemijax.nn import losses  # noqa: E402
 from hemijax.models.hemis import HeMIS  # noqa: E402
@@ -158,6 +159,10 @@ def main(argv=None):
                       help="the case ratios are against (default: torch compile with --torch, "
                            "else flax unrolled)")
   args = parser.parse_args(argv)
+  # As the entry points do (process-wide, so PyTorch's cases get it too); HEMIJAX_MALLOC=default
+  # measures glibc's default.
+  allocator = ("freed memory reused (hemijax.runtime)" if runtime.reuse_freed_memory()
+               else "glibc default")
   train_size, infer_size, batch = (12, 24, 2) if args.quick else (32, 96, 2)
   if args.sizes:
     try:
@@ -230,7 +235,8 @@ def main(argv=None):
         f"jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPUs, "
         f"{platform.processor() or platform.machine()})")
   print(f"train step: batch {batch} x {MODALITIES} modalities x {train_size}^3; inference: "
-        f"1 x {MODALITIES} x {infer_size}^3; {repeats} rounds, cases alternated")
+        f"1 x {MODALITIES} x {infer_size}^3; {repeats} rounds, cases alternated; allocator: "
+        f"{allocator}")
   print(f"float32 matmul peak (2048^2 jnp.dot, best of this run): {peak:.1f} GFLOP/s")
   baseline = args.baseline or ("torch compile" if args.torch else "flax unrolled")
   print(format_table(rows, peak, baseline=baseline))

@@ -23,6 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import compiled_memory, load_config, time_interleaved  # noqa: E402
+from hemijax import runtime  # noqa: E402
 from hemijax.inference import sliding_window as inference  # noqa: E402
 from hemijax.data import datasets  # noqa: E402
 from hemijax.models import get_method  # noqa: E402
@@ -87,6 +88,9 @@ def main(argv=None):
                       help="conv_impl values; the first is compared with each of the others")
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args(argv)
+  # As the entry points do; HEMIJAX_MALLOC=default measures glibc's default.
+  allocator = ("freed memory reused (hemijax.runtime)" if runtime.reuse_freed_memory()
+               else "glibc default")
   impls = tuple(args.impls.split(","))
   bad = [i for i in impls if i not in IMPLS_ALLOWED]
   if len(impls) < 2 or bad:
@@ -120,7 +124,8 @@ def main(argv=None):
           + f" MiB | {inference_cells} |")
   print(f"# bench_methods, jax {jax.__version__} on {jax.default_backend()}; medians of "
         f"{args.repeats} rounds, cases alternated; \"auto\" resolves per layer to "
-        f"{'planes (3D) and slots (1D, 2D)' if jax.default_backend() == 'cpu' else 'xla'} here")
+        f"{'planes (3D) and slots (1D, 2D)' if jax.default_backend() == 'cpu' else 'xla'} here; "
+        f"allocator: {allocator}")
   print("\n".join(lines))
 
 

@@ -14,6 +14,9 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionErro
 
 
 def run(main_fn) -> None:
+  # Before JAX starts: freed memory reused, not faulted in again each step (hemijax.runtime).
+  from hemijax import runtime
+  runtime.reuse_freed_memory()
   try:
     main_fn()
   except USER_ERRORS + (RuntimeError,) as e:

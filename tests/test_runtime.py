@@ -1,0 +1,43 @@
+"""hemijax.runtime: the allocator setting the entry points apply."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+# Allocates, touches and frees 64 MiB (above glibc's largest mmap threshold) with libc's own
+# malloc, then does it again and prints the minor page faults of the second round.
+_PROBE = """
+import ctypes, ctypes.util, resource, sys
+from hemijax import runtime
+applied = runtime.reuse_freed_memory()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = (ctypes.c_void_p,)
+size = 64 << 20
+def touch_and_free():
+  buffer = libc.malloc(size)
+  ctypes.memset(buffer, 1, size)
+  libc.free(buffer)
+touch_and_free()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+touch_and_free()
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(setting):
+  env = dict(os.environ, HEMIJAX_MALLOC=setting)
+  out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
+                       check=True).stdout.split()
+  return out[0] == "True", int(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_memory_is_reused_instead_of_faulted_in_again():
+  applied, faults = _faults("")
+  assert applied and faults < 100
+  # glibc's default: the 64 MiB come from a fresh mapping, one fault per 4 KiB page (fewer with
+  # transparent huge pages, never this few).
+  applied, faults = _faults("default")
+  assert not applied and faults > 1000
