@@ -186,7 +186,8 @@ def paired_evidence(claim, cases, baseline, region, subsets) -> dict | None:
     return {"kind": "per_subset", "subsets": len(subsets), "better": better, "worse": worse,
             "p_holm": dict(zip(subsets, adjusted)),
             "text": (f"paired over cases (Wilcoxon, Holm over the {len(subsets)} subsets, "
-                     f"p < {statistics.SIGNIFICANCE}): significantly better in {better}, worse in {worse}")}
+                     f"p < {statistics.SIGNIFICANCE}): significantly better in {better}, "
+                     f"worse in {worse}")}
   # Each case's mean over the subsets, over the cases both runs were scored on in all of them.
   common = set.intersection(*(set(ours[s]) & set(theirs[s]) for s in subsets))
   per_case = lambda by_subset: {c: float(np.mean([by_subset[s][c] for s in subsets]))

@@ -900,8 +900,9 @@ def _runs_section(results, plots=None) -> list[str]:
            "the run's evaluations. Evaluated checkpoint step per "
            "seed. Validation gain: per seed, how much the best validation score (mean Dice with "
            f"all and with random modalities) rose over the last {PLATEAU_TAIL:.0%} of the run's "
-           f"steps; under {PLATEAU_GAIN} counts as levelled off (marked ✓); ?: too few validations to "
-           f"tell (fewer than {PLATEAU_MIN_TAIL} in that last part). –: not recorded.",
+           f"steps; under {PLATEAU_GAIN} counts as levelled off (marked ✓); ?: too few "
+           f"validations to tell (fewer than {PLATEAU_MIN_TAIL} in that last part). –: not "
+           "recorded.",
            "",
            _row(["run", "config", "overrides", "seeds trained", "training wall time",
                  "training CPU time", "evaluation wall time", "evaluation CPU time",
@@ -963,8 +964,8 @@ def _group_section(group, plot) -> list[str]:
         count = sum(len(v) for v in tests.values())
         lines += [f"Paired Wilcoxon against {reference} over the cases both were scored on "
                   f"(seed-averaged per case), Holm-corrected over the {count} tests of this "
-                  f"table: p (* below {statistics.SIGNIFICANCE}), and the matched-pairs rank-biserial r "
-                  f"(run - {reference}: + means higher values).", "",
+                  f"table: p (* below {statistics.SIGNIFICANCE}), and the matched-pairs "
+                  f"rank-biserial r (run - {reference}: + means higher values).", "",
                   _row(names + others), _row([":-:"] * len(names) + ["-:"] * len(others))]
         for subset in table:
           cells = []
