@@ -14,10 +14,10 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionErro
 
 
 def run(main_fn) -> None:
-  # Before JAX starts: freed memory reused, not faulted in again each step (hemijax.runtime).
   from hemijax import runtime
-  runtime.reuse_freed_memory()
   try:
+    # Before JAX starts: freed memory reused, not faulted in again each step (hemijax.runtime).
+    runtime.reuse_freed_memory()
     main_fn()
   except USER_ERRORS + (RuntimeError,) as e:
     if os.environ.get("HEMIJAX_DEBUG") or not _is_user_error(e):

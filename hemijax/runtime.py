@@ -10,7 +10,7 @@ faster on 2 cores (benchmarks/bench_allocator.py, docs/performance.md). The pric
 process keeps its peak heap until it exits, which the entry points (one training, evaluation or
 prediction each) would reach again anyway.
 
-Linux with glibc only (elsewhere a no-op); HEMIJAX_MALLOC=default turns it off. The same as
+Linux with glibc only (elsewhere a no-op); HEMIJAX_MALLOC=default turns it off (=reuse: on). The same as
 starting Python with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 MALLOC_ARENA_MAX=<CPUs>,
 applied with mallopt(3) instead, so `python train.py` needs no wrapper.
 """
@@ -40,7 +40,11 @@ ENV = "HEMIJAX_MALLOC"
 def reuse_freed_memory() -> bool:
   """Applies `SETTINGS` with glibc's mallopt; returns whether all took effect. Call it before the
   first JAX computation (XLA's worker threads pick their arena at their first allocation)."""
-  if os.environ.get(ENV, "").strip().lower() == "default" or not sys.platform.startswith("linux"):
+  choice = os.environ.get(ENV, "").strip().lower()
+  if choice not in ("", "reuse", "default"):
+    raise ValueError(f"{ENV}={os.environ[ENV]!r}: choose 'reuse' (the default) or 'default' "
+                     "(glibc's own allocator settings)")
+  if choice == "default" or not sys.platform.startswith("linux"):
     return False
   try:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

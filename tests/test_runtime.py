@@ -1,5 +1,6 @@
 """hemijax.runtime: the allocator setting the entry points apply."""
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -37,7 +38,20 @@ def _faults(setting):
 def test_freed_memory_is_reused_instead_of_faulted_in_again():
   applied, faults = _faults("")
   assert applied and faults < 100
+  assert _faults("reuse")[0]
   # glibc's default: the 64 MiB come from a fresh mapping, one fault per 4 KiB page (fewer with
   # transparent huge pages, never this few).
   applied, faults = _faults("default")
   assert not applied and faults > 1000
+
+
+def test_a_mistyped_setting_is_one_line_naming_the_variable(tmp_path):
+  env = dict(os.environ, HEMIJAX_MALLOC="off")
+  result = subprocess.run([sys.executable, "train.py", "--config", "configs/hemis.py:smoke",
+                           "--workdir", str(tmp_path / "run")], env=env, capture_output=True,
+                          text=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [
+      "error: HEMIJAX_MALLOC='off': choose 'reuse' (the default) or 'default' (glibc's own "
+      "allocator settings)"]
+  assert not (tmp_path / "run").exists()
