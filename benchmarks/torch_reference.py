@@ -4,7 +4,7 @@ r"""The benchmark's HeMIS-3D network in PyTorch, for `bench_conv.py --torch` (ne
 
 The same network as `bench_conv.py` builds in JAX: per modality two 3x3x3 convolutions 1 -> 48 ->
 48 with ReLU and a 2x2x2 max-pool with stride 1 and TensorFlow's SAME padding (one -inf row after
-each spatial axis), fusion by the mean and the variance over the modalities (population variance,
+each spatial axis), fusion by the mean and the variance over the modalities (the (n - 1) variance,
 as `hemijax.nn.fusion.moments`), then convolutions 96 -> 16 (ReLU) -> 4. Channels-first NCDHW as
 PyTorch prefers; the modality axis is folded into the batch for the back ends, which is what a
 PyTorch user would write (one shared Conv3d per modality would be slower: 4 separate modules are
@@ -50,9 +50,10 @@ class TorchHeMIS(torch.nn.Module):
     features = torch.stack([backend(image[:, m:m + 1]) for m, backend in enumerate(self.backends)],
                            dim=1)                                      # (B, M, C, D, H, W)
     weights = modality_mask.to(features.dtype)[:, :, None, None, None, None]
-    count = weights.sum(1).clamp(min=1.0)
-    mean = (features * weights).sum(1) / count
-    variance = (((features - mean[:, None]) ** 2) * weights).sum(1) / count
+    count = weights.sum(1)
+    mean = (features * weights).sum(1) / count.clamp(min=1.0)
+    # (n - 1) as `hemijax.nn.fusion.masked_variance`; with one modality the sum is 0.
+    variance = (((features - mean[:, None]) ** 2) * weights).sum(1) / (count - 1).clamp(min=1.0)
     x = torch.cat([mean, variance], dim=1)
     for conv in self.frontend:
       x = F.relu(conv(x))
