@@ -53,7 +53,7 @@ def main():
     for report in summary["reports"]:  # the summary, the method's own reports, the comparison
       print(open(report).read())
 
-  cli.run(run)
+  cli.run(run, reuse_freed_memory=False)  # a kept heap fragments here (hemijax.runtime)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def main():
     from hemijax.inference.nifti import predict_cli
     predict_cli(args)
 
-  cli.run(run)
+  cli.run(run, reuse_freed_memory=False)  # a kept heap fragments here (hemijax.runtime)
 
 
 if __name__ == "__main__":

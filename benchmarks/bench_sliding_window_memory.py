@@ -23,6 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import compiled_memory  # noqa: E402
+from hemijax import runtime  # noqa: E402
 from hemijax.evaluation import subsets as evaluation
 from hemijax.inference import sliding_window as inference  # noqa: E402
 from hemijax.models import get_method  # noqa: E402
@@ -43,6 +44,9 @@ def main(argv=None):
   parser.add_argument("--subsets", type=int, choices=(1, 15), default=1,
                       help="1: all modalities (predict.py); 15: every subset (evaluate.py)")
   args = parser.parse_args(argv)
+  # As predict.py and evaluate.py do (glibc's default); HEMIJAX_MALLOC=reuse measures the setting.
+  allocator = ("freed memory reused (hemijax.runtime)"
+               if runtime.reuse_freed_memory(default=False) else "glibc default")
   shape = tuple(int(s) for s in args.shape.split(","))
   roi = tuple(int(s) for s in args.roi.split(","))
 
@@ -71,7 +75,7 @@ def main(argv=None):
   peak = max_rss_bytes()
   print(f"# bench_sliding_window_memory: volume {len(modalities)} x {shape}, roi {roi}, "
         f"{args.batch} windows per call, {len(masks)} subset(s), output {probs.shape}; "
-        f"jax {jax.__version__} on {jax.default_backend()}")
+        f"jax {jax.__version__} on {jax.default_backend()}; allocator: {allocator}")
   print("| peak RSS (process) | RSS before inference (runtime + volume) | XLA buffers, one call "
         "| seconds | under 4 GiB |")
   print("|---:|---:|---:|---:|---|")

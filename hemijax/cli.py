@@ -13,11 +13,14 @@ import traceback
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError)
 
 
-def run(main_fn) -> None:
+def run(main_fn, reuse_freed_memory: bool = True) -> None:
+  """Runs an entry point's `main_fn`; `reuse_freed_memory`: hemijax.runtime's allocator setting
+  unless HEMIJAX_MALLOC says otherwise (training: yes; whole-volume inference: no, its heap
+  fragments)."""
   from hemijax import runtime
   try:
     # Before JAX starts: freed memory reused, not faulted in again each step (hemijax.runtime).
-    runtime.reuse_freed_memory()
+    runtime.reuse_freed_memory(default=reuse_freed_memory)
     main_fn()
   except USER_ERRORS + (RuntimeError,) as e:
     if os.environ.get("HEMIJAX_DEBUG") or not _is_user_error(e):

@@ -11,7 +11,7 @@ import pytest
 _PROBE = """
 import ctypes, ctypes.util, resource, sys
 from hemijax import runtime
-applied = runtime.reuse_freed_memory()
+applied = runtime.reuse_freed_memory(default=sys.argv[1] == 'True')
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = (ctypes.c_void_p,)
@@ -27,10 +27,10 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _faults(setting):
+def _faults(setting, default=True):
   env = dict(os.environ, HEMIJAX_MALLOC=setting)
-  out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
-                       check=True).stdout.split()
+  out = subprocess.run([sys.executable, "-c", _PROBE, str(default)], env=env, capture_output=True,
+                       text=True, check=True).stdout.split()
   return out[0] == "True", int(out[1])
 
 
@@ -45,6 +45,24 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
   assert not applied and faults > 1000
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_an_entry_points_choice_applies_unless_the_variable_overrides_it():
+  # predict.py and evaluate.py choose glibc's default (a kept heap fragments under sliding windows).
+  applied, faults = _faults("", default=False)
+  assert not applied and faults > 1000
+  applied, faults = _faults("reuse", default=False)
+  assert applied and faults < 100
+  assert not _faults("default", default=True)[0]
+
+
+def test_predict_and_evaluate_keep_glibcs_default_allocator():
+  root = pathlib.Path(__file__).resolve().parents[1]
+  for entry, reuse in [("train.py", True), ("study.py", True), ("predict.py", False),
+                       ("evaluate.py", False)]:
+    source = (root / entry).read_text()
+    assert ("cli.run(run, reuse_freed_memory=False)" in source) is not reuse, entry
+
+
 def test_a_mistyped_setting_is_one_line_naming_the_variable(tmp_path):
   env = dict(os.environ, HEMIJAX_MALLOC="off")
   result = subprocess.run([sys.executable, "train.py", "--config", "configs/hemis.py:smoke",
@@ -52,6 +70,6 @@ def test_a_mistyped_setting_is_one_line_naming_the_variable(tmp_path):
                           text=True, cwd=pathlib.Path(__file__).resolve().parents[1])
   assert result.returncode == 1
   assert result.stderr.strip().splitlines() == [
-      "error: HEMIJAX_MALLOC='off': choose 'reuse' (the default) or 'default' (glibc's own "
-      "allocator settings)"]
+      "error: HEMIJAX_MALLOC='off': choose 'reuse' (freed memory kept and reused) or 'default' "
+      "(glibc's own allocator settings)"]
   assert not (tmp_path / "run").exists()
