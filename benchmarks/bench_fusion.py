@@ -44,18 +44,20 @@ def main():
   ours = lambda x, mask: fusion.moments(x, mask, axis=1)
   cases = {}
   for task, batch, edge in [("inference", 1, 64), ("train", 2, 32)]:
+    shape = f"{batch} x {MODALITIES} x {edge}^3 x {CHANNELS}"
     x = jax.random.normal(jax.random.key(0), (batch, MODALITIES) + (edge,) * 3 + (CHANNELS,))
     present = jnp.array([True, True, False, True])
-    mask = jnp.broadcast_to(present[None, :, None, None, None, None], (batch, MODALITIES, 1, 1, 1, 1))
+    mask = jnp.broadcast_to(present[None, :, None, None, None, None],
+                            (batch, MODALITIES, 1, 1, 1, 1))
     weights = jax.random.normal(jax.random.key(1), (batch,) + (edge,) * 3 + (2 * CHANNELS,))
     for name, fn in [("hemijax", ours), ("reductions", reductions)]:
       if task == "inference":
         jitted = jax.jit(fn)
       else:
         jitted = jax.jit(jax.grad(lambda x, mask, fn=fn: jnp.sum(fn(x, mask) * weights)))
-      cases[f"{task} | {batch} x {MODALITIES} x {edge}^3 x {CHANNELS} | {name}"] = (jitted, (x, mask))
-    a, b = (np.asarray(cases[f"{task} | {batch} x {MODALITIES} x {edge}^3 x {CHANNELS} | {n}"][0](x, mask))
-            for n in ("hemijax", "reductions"))
+      cases[f"{task} | {shape} | {name}"] = (jitted, (x, mask))
+    a, b = (np.asarray(cases[f"{task} | {shape} | {name}"][0](x, mask))
+            for name in ("hemijax", "reductions"))
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   timings = time_interleaved(cases, repeats=5)
   print(f"# bench_fusion, jax {jax.__version__} on {jax.default_backend()}; medians of 5 rounds, "
