@@ -11,12 +11,12 @@ acquired", with all the modalities it has. A case without a label file is report
 a dataset with neither needs --split all (every case).
 
 Writes cases.csv, summary.md/.json, dice_by_subset.png and overlays to --out (default WORKDIR/eval;
-the folder is replaced as a whole) and prints the tables, then any report the method adds
+the folder is replaced as a whole; an interrupted evaluation resumes from the cases it scored,
+kept beside it in .OUT.cases.partial.jsonl) and prints the tables, then any report the method adds
 (synthesis PSNR, a modality classifier's accuracy). With --compare (workdirs of the same task,
-evaluated before on the same cases): comparison.md (Dice), comparison_assd.md and
-comparison_hd95.md, methods side by side with wins and Wilcoxon p-values against WORKDIR, paired
-over the cases both were scored on. The metric conventions used (HD95 definition, empty-mask
-penalty, --min-volume post-processing) are written into every summary and comparison.
+evaluated before on the same cases): comparison.md (Dice), comparison_assd.md, comparison_hd95.md,
+methods side by side, wins and Wilcoxon p-values against WORKDIR paired over the cases both were
+scored on. Every summary and comparison states its metric conventions (HD95, empty, --min-volume).
 """
 import argparse
 

@@ -217,3 +217,49 @@ def test_cli_help_and_one_line_errors(run, tmp_path):
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("error:") and words in lines[0]
   assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_evaluation_resumes_with_the_cases_it_had_not_scored(run, tmp_path,
+                                                                           monkeypatch):
+  from hemijax.evaluation import evaluate as evaluate_lib
+  workdir, root = run
+  whole = evaluate_workdir(workdir, split="all", out=tmp_path / "whole", progress=False)
+  n_cases = len(files_present(root))
+  assert n_cases > evaluate_lib.OVERLAY_CASES + 2  # else nothing would be skipped
+  score, calls = evaluate_lib._score_case, []
+
+  def scoring(stop_after):
+    def counted(*args, **kwargs):
+      if len(calls) == stop_after:
+        raise KeyboardInterrupt
+      calls.append(args[1].case_id)
+      return score(*args, **kwargs)
+    return counted
+
+  out = tmp_path / "eval"
+  saved = evaluate_lib.OVERLAY_CASES + 2
+  monkeypatch.setattr(evaluate_lib, "_score_case", scoring(saved))
+  with pytest.raises(KeyboardInterrupt):
+    evaluate_workdir(workdir, split="all", out=out, progress=False)
+  assert not out.exists()
+  partial = tmp_path / ".eval.cases.partial.jsonl"
+  with open(partial, "a") as f:
+    f.write('{"case_id": "cut sh')  # the line being written when the process was killed
+  calls.clear()
+  monkeypatch.setattr(evaluate_lib, "_score_case", scoring(None))
+  resumed = evaluate_workdir(workdir, split="all", out=out, progress=False)
+  # The overlays' cases again, then only those not scored before.
+  assert len(calls) == evaluate_lib.OVERLAY_CASES + n_cases - saved
+  assert (out / "cases.csv").read_text() == (tmp_path / "whole" / "cases.csv").read_text()
+  assert resumed["subsets"] == whole["subsets"]
+  assert not partial.exists()
+
+  # Scored cases are reused only for the same checkpoint, data, split, subsets and options.
+  monkeypatch.setattr(evaluate_lib, "_score_case", scoring(saved))
+  with pytest.raises(KeyboardInterrupt):
+    evaluate_workdir(workdir, split="all", out=out, progress=False)
+  calls.clear()
+  monkeypatch.setattr(evaluate_lib, "_score_case", scoring(None))
+  evaluate_workdir(workdir, split="all", out=out, progress=False,
+                   metric_options={"hd95_convention": "pooled"})
+  assert len(calls) == n_cases

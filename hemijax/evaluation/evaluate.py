@@ -183,6 +183,38 @@ def _score_case(predictor, vol, truth, spacing, chosen, metric_options):
   return rows, shown
 
 
+def _partial_path(out: pathlib.Path) -> pathlib.Path:
+  """The scored cases of an unfinished evaluation: beside the report folder, which is replaced
+  as a whole."""
+  return out.parent / f".{out.name}.cases.partial.jsonl"
+
+
+def _jsonl(entry) -> str:
+  return json.dumps(entry, default=float) + "\n"  # metric values may be NumPy scalars
+
+
+def _scored_before(path: pathlib.Path, header: dict) -> dict[str, list[dict]]:
+  """Case id -> rows of the cases an interrupted evaluation with the same `header` (checkpoint,
+  data, split, subsets, metric options) scored; {} for any other or none."""
+  try:
+    lines = path.read_text(encoding="utf-8").splitlines()
+  except FileNotFoundError:
+    return {}
+  try:
+    if not lines or json.loads(lines[0]) != header:
+      return {}
+  except json.JSONDecodeError:
+    return {}
+  done = {}
+  for line in lines[1:]:
+    try:
+      entry = json.loads(line)
+    except json.JSONDecodeError:  # the line being written when the process stopped
+      break
+    done[entry["case_id"]] = entry["rows"]
+  return done
+
+
 def _write_overlays(out, overlays, predictor):
   task = predictor.task
   to_values = lambda m: preprocess.class_ids_to_label_values(m, task.label_values)
@@ -249,8 +281,26 @@ def evaluate_workdir(workdir, *, data=None, layout="auto", split="test", subsets
       raise ValueError(f"--compare: {other} was evaluated on no case of {where} "
                        f"({len(case_ids)} case(s)); evaluate it on the same data first")
 
+  # Each scored case is appended to a file beside the report, so that an interrupted evaluation
+  # (3D models on many cases take hours on CPU) resumes with the cases it has not scored yet.
+  partial = _partial_path(out)
+  header = json.loads(json.dumps(dict(
+      workdir=str(workdir.resolve()), step=predictor.step, data=str(root.resolve()), layout=layout,
+      split=split, subsets=[subset_key(s, modalities) for s in chosen],
+      metric_options=metric_options), default=str))
+  done = _scored_before(partial, header)
+  if done:
+    print(f"{where}: resuming, {len(done)} of {len(scored)} case(s) scored before "
+          f"({partial.name})", file=sys.stderr)
+  # Rewritten whole: without another evaluation's entries or a line cut short by an interruption.
+  partial.parent.mkdir(parents=True, exist_ok=True)
+  atomic.write_text(partial, "".join(_jsonl(entry) for entry in [header] + [
+      {"case_id": case_id, "rows": case_rows} for case_id, case_rows in done.items()]))
   rows, overlays = [], []
   for vol in tqdm(scored, desc=f"evaluate {workdir.name}", disable=not progress):
+    if vol.case_id in done and len(overlays) >= OVERLAY_CASES:
+      rows += done[vol.case_id]
+      continue
     truth, affine, _ = io.load_nifti(label_files[vol.case_id], label=True)
     try:
       truth = labels.to_task_values(truth)
@@ -259,8 +309,11 @@ def evaluate_workdir(workdir, *, data=None, layout="auto", split="test", subsets
     case_rows, shown = _score_case(predictor, vol, truth, preprocess.spacing_of(affine), chosen,
                                    metric_options)
     rows += case_rows
-    if len(overlays) < OVERLAY_CASES:
+    if len(overlays) < OVERLAY_CASES:  # overlays need the predictions: those cases are rescored
       overlays.append((vol, shown))
+    if vol.case_id not in done:
+      with open(partial, "a", encoding="utf-8") as f:
+        f.write(_jsonl({"case_id": vol.case_id, "rows": case_rows}))
 
   conventions = metrics.metric_conventions(**metric_options)
   summary = tables.summarise(rows, modalities, regions)
@@ -297,4 +350,5 @@ def evaluate_workdir(workdir, *, data=None, layout="auto", split="test", subsets
       reports.append(summary["comparison"])
     summary["reports"] = reports
     tables.write_summary(tmp, summary, title=title)
+  partial.unlink(missing_ok=True)
   return summary
