@@ -56,6 +56,12 @@ CLAIMS = (
     dict(kind="better_on_average", run="disentangle", baseline="disentangle_mean_dis",
          region=("WT", "TC", "ET"),
          text="Gated fusion helps (disentangled: gated vs average fusion, mean Dice)"),
+    # Exactly, in labels: no voxel changes its label when the scans come in another order (every
+    # order of the first 2 evaluation cases' scans, hemijax.models.pimms.unnamed_inputs).
+    dict(kind="measure_at_most", run="pimms_soft", evaluation="unseen30",
+         measure="permutation_invariance.voxels_label_changed", value=0,
+         text="PIMMS (soft mapping) is permutation invariant: no voxel changes its label when the "
+              "scans come in another order"),
     # "Within reach": our reading is at most 5 Dice points below, on the mean over subsets.
     dict(kind="within_points", run="pimms_soft", baseline="pimms_hemis", region="lesion", points=5,
          text="PIMMS (soft mapping) is within reach of HeMIS given the modalities' names "

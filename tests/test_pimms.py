@@ -491,6 +491,26 @@ def test_unnamed_scan_errors_are_clear(predictor):
     unlabeled.predict_unlabeled(hemis, synthetic_scans())
 
 
+def test_permutation_report_measures_how_the_prediction_moves_with_the_scan_order(predictor,
+                                                                                 monkeypatch):
+  names = predictor.config.modalities
+  volume = preprocess.preprocess_raw(preprocess.raw_case_from_arrays(
+      dict(zip(names, synthetic_scans())), np.eye(4)), "x", names, (0, 1))
+  report = unlabeled.permutation_report(predictor, [volume, volume, volume])
+  assert report["cases"] == unlabeled.PERMUTATION_CASES == 2
+  assert report["orders_compared"] == 2 * 5  # 3 scans: 6 orders, each against the first
+  assert report["voxels_compared"] == 10 * np.prod(volume.image.shape[:-1])
+  assert report["voxels_label_changed"] == 0
+  assert report["max_abs_probability_difference"] < 1e-5
+  # A forward that weighs the scans by their position is caught by the same measurement.
+  method, forward = unlabeled._slot_forward(predictor)
+  ramp = np.arange(1.0, predictor.config.model.max_scans + 1, dtype=np.float32)
+  monkeypatch.setattr(unlabeled, "_slot_forward",
+                      lambda _: (method, lambda windows, *rest: forward(windows * ramp, *rest)))
+  moved = unlabeled.permutation_report(predictor, [volume], cases=1)
+  assert moved["max_abs_probability_difference"] > 1e-3
+
+
 def test_classifier_report_counts_brain_slices(predictor):
   scans = synthetic_scans()
   names = predictor.config.modalities
@@ -536,3 +556,7 @@ def test_evaluate_a_trained_offline_workdir_reports_the_classifier_accuracy(tmp_
   assert "modality classifier" in (tmp_path / "eval" / "classifier_accuracy.md").read_text()
   assert json.loads((tmp_path / "eval" / "summary.json").read_text())["classifier_accuracy"] == \
       summary["classifier_accuracy"]
+  # The scans of the first test cases in every order: the same labels (PIMMS' defining property).
+  invariance = json.loads((tmp_path / "eval" / "permutation_invariance.json").read_text())
+  assert summary["permutation_invariance"] == invariance
+  assert invariance["orders_compared"] > 0 and invariance["voxels_label_changed"] == 0

@@ -202,6 +202,34 @@ def test_claim_config_errors_name_the_entry():
                           metric="hd95")])
 
 
+def test_measure_claims_check_every_seeds_own_measure():
+  claim = dict(kind="measure_at_most", run="pimms_soft", evaluation="unseen30",
+               measure="permutation_invariance.voxels_label_changed", value=0)
+  runs = [{"name": "pimms_soft", "finished": {
+      str(seed): {"evaluations": {"unseen30": {"extras": {"permutation_invariance": {
+          "voxels_label_changed": changed, "orders_compared": 46}}}}}
+      for seed, changed in ((0, 0), (1, changed_1))}} for changed_1 in (0, 3)]
+  held = claims.check(claim, {}, measures=study.run_measures([runs[0]]))
+  assert held["status"] == "holds" and "unseen30 seed 1: 0" in held["detail"]
+  failed = claims.check(claim, {}, measures=study.run_measures([runs[1]]))
+  assert failed["status"] == "does not hold" and "unseen30 seed 1: 3" in failed["detail"]
+  other = dict(claim, evaluation="test")  # measured on another evaluation only
+  assert claims.check(other, {}, measures=study.run_measures([runs[0]]))["status"] == "not run"
+  assert claims.check(claim, {})["status"] == "not run"
+  assert claims.runs_needed(claim) == ("pimms_soft",)
+  with pytest.raises(ValueError, match=r"claims\[0\].*missing \['value'\]"):
+    claims.validate([dict(kind="measure_at_most", run="a", measure="m")])
+  # The study passes its measures to the claim once the run is in a group.
+  spec = study.parse_study(dict(runs=[dict(name="pimms_soft", config="configs/pimms.py")],
+                                claims=[claim], evaluations=[dict(name="unseen30", split="all",
+                                                                  data=None)]))
+  group = study.group_results({"pimms_soft": {0: _rows({"a": 0.8})}}, TUMOUR, ("WT",), ("dice",),
+                              "pimms_soft")
+  [result] = study.check_claims(spec, {"g": dict(group, evaluation="unseen30")},
+                                measures=study.run_measures([runs[1]]))
+  assert result["status"] == "does not hold"
+
+
 # ---------------------------------------------------------------------------------------------
 # Results from rows
 

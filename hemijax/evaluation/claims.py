@@ -21,6 +21,10 @@ modalities; better means higher for Dice and lower for distances, `HIGHER_IS_BET
                       two_sided (default False). Holds when, for every baseline, `run`'s mean over
                       the subsets is at most `points` below the baseline's (two_sided: at most
                       `points` away on either side). For metrics in [0, 1] that are higher-better.
+  measure_at_most     run, measure, value. A number the run's own evaluators report (the
+                      study's "measures": a dotted key of an evaluation's extras, e.g.
+                      "permutation_invariance.voxels_label_changed"); holds when every seed's
+                      value is at most `value`. Checked with `check(..., measures=...)`.
 An optional `text` replaces the generated sentence.
 
 Paired evidence (`check(..., cases=...)`, per-case values): the verdict is on the means, but a
@@ -44,6 +48,7 @@ FIELDS = {  # kind -> (required fields, optional fields)
     "beats_in_subsets": (("run", "baseline", "region", "min_subsets"), ("strict",)),
     "better_on_average": (("run", "baseline", "region"), ("margin",)),
     "within_points": (("run", "baseline", "region", "points"), ("two_sided",)),
+    "measure_at_most": (("run", "measure", "value"), ()),
 }
 POINT_METRICS = ("dice", "sensitivity", "precision")
 
@@ -79,13 +84,15 @@ def validate(claims, source="claims") -> list[dict]:
 
 
 def runs_needed(claim) -> tuple[str, ...]:
-  return (claim["run"],) + _names(claim["baseline"])
+  return (claim["run"],) + _names(claim.get("baseline", ()))
 
 
 def describe(claim) -> str:
   """The claim as a sentence (its `text` when given)."""
   if claim.get("text"):
     return claim["text"]
+  if claim["kind"] == "measure_at_most":
+    return f"{claim['run']}: {claim['measure']} ≤ {claim['value']} in every seed"
   metric = claim.get("metric", "dice")
   regions = "/".join(_names(claim["region"]))
   where = _filter_words(claim)
@@ -135,11 +142,15 @@ def _paired_cells(means, claim, run, baseline, region):
   return subsets, np.array([ours[s] for s in subsets]), np.array([theirs[s] for s in subsets])
 
 
-def check(claim, means, cases=None) -> dict:
+def check(claim, means, cases=None, measures=None) -> dict:
   """Evaluates one claim on `means`; with `cases` (run -> metric -> region -> subset -> {case id:
-  value}, each case's mean over seeds) also the paired evidence (see the module docstring)."""
+  value}, each case's mean over seeds) also the paired evidence (see the module docstring).
+  `measures`: the study's run measures ({"run", "evaluation", "measure", "seeds": {seed: value}}
+  entries), for `measure_at_most`."""
   claim = validate([claim])[0]
   result = {"text": describe(claim), "kind": claim["kind"], "claim": claim}
+  if claim["kind"] == "measure_at_most":
+    return dict(result, **_measure_at_most(claim, measures or ()))
   absent = [r for r in runs_needed(claim) if r not in means]
   if absent:
     return dict(result, status=NOT_RUN, holds=None, detail=f"not run: {', '.join(absent)}")
@@ -199,6 +210,20 @@ def paired_evidence(claim, cases, baseline, region, subsets) -> dict | None:
           "mean_difference": test["mean_difference"],
           "text": (f"paired over the {test['n']} cases' means (Wilcoxon): p={test['p']:.3g}, "
                    f"r={test['effect']:+.2f}")}
+
+
+def _measure_at_most(claim, measures) -> dict:
+  found = [m for m in measures if m["run"] == claim["run"] and m["measure"] == claim["measure"]
+           and m["evaluation"] == claim.get("evaluation", m["evaluation"])]
+  if not found:
+    return dict(status=NOT_RUN, holds=None,
+                detail=f"{claim['run']} reported no {claim['measure']}")
+  values = {f"{m['evaluation']} seed {seed}": value for m in found
+            for seed, value in m["seeds"].items()}
+  holds = all(value <= claim["value"] for value in values.values())
+  detail = ", ".join(f"{where}: {value:g}" for where, value in values.items())
+  return dict(status=HOLDS if holds else DOES_NOT_HOLD, holds=holds,
+              detail=f"{detail} (at most {claim['value']:g})")
 
 
 def _beats_in_subsets(claim, metric, subsets, ours, theirs):

@@ -608,9 +608,11 @@ def claim_cases(rows: dict, runs, metrics) -> dict:
           for run in runs if run in rows}
 
 
-def check_claims(study: Study, groups: dict, rows: dict | None = None) -> list[dict]:
+def check_claims(study: Study, groups: dict, rows: dict | None = None,
+                 measures=None) -> list[dict]:
   """Every claim of the study against the group (of its evaluation) that holds all its runs;
-  `rows` (group key -> run -> seed -> cases.csv rows) adds each claim's paired evidence."""
+  `rows` (group key -> run -> seed -> cases.csv rows) adds each claim's paired evidence;
+  `measures` (`run_measures`) are what `measure_at_most` claims check."""
   out = []
   default_evaluation = study.evaluations[0].name
   for claim in study.claims:
@@ -623,7 +625,7 @@ def check_claims(study: Study, groups: dict, rows: dict | None = None) -> list[d
       group = groups[key]
       cases = (claim_cases(rows[key], needed, study.metrics)
                if rows is not None and key in rows else None)
-      result = claims_lib.check(claim, claim_means(group), cases)
+      result = claims_lib.check(claim, claim_means(group), cases, measures)
     else:
       result = claims_lib.check(claim, {})  # for its text
       absent = [r for r in needed if not any(r in g["runs"] for g in candidates)]
@@ -737,6 +739,7 @@ def build_results(study: Study, workdir, *, command=None) -> dict:
         seeds[str(seed)].update(validation=curve, plateau_gain=plateau_gain(curve))
     runs.append({"name": run.name, "config": run.config, "preset": run.preset,
                  "overrides": run.overrides, "seeds": list(run.seeds), "finished": seeds})
+  measures = run_measures(runs)
   conventions = next((e.get("metric_conventions") for m in markers.values()
                       for e in m.get("evaluations", {}).values() if e.get("metric_conventions")),
                      None)
@@ -744,8 +747,9 @@ def build_results(study: Study, workdir, *, command=None) -> dict:
           "checkpoint_policy": study.step, "metrics": list(study.metrics),
           "overrides": study.overrides, "metric_conventions": conventions, "runs": runs,
           "unfinished": unfinished, "groups": groups,
-          "claims": check_claims(study, groups, {k: g["rows"] for k, g in groups_in.items()}),
-          "measures": run_measures(runs)}
+          "claims": check_claims(study, groups, {k: g["rows"] for k, g in groups_in.items()},
+                                 measures),
+          "measures": measures}
 
 
 def render_report(study: Study, workdir, *, command=None) -> pathlib.Path:

@@ -9,11 +9,12 @@ from hemijax.models.pimms.model import *  # noqa: F401,F403  (the method's publi
 
 def build(config):
   """The PIMMS `Method`; variants with a modality classifier also take unnamed scans and report
-  the classifier's accuracy."""
+  the classifier's accuracy and the predictions' permutation invariance."""
   method = model.build(config)
   if not unnamed_inputs.has_classifier(config):
     return method
   return dataclasses.replace(
-      method, evaluators=(unnamed_inputs.classifier_evaluator,),
+      method, evaluators=(unnamed_inputs.classifier_evaluator,
+                          unnamed_inputs.permutation_evaluator),
       unnamed_inputs=base.UnnamedInputs(predict=unnamed_inputs.predict_unlabeled,
                                         predict_files=unnamed_inputs.predict_unlabeled_files))

@@ -6,7 +6,8 @@
   labels = unlabeled.predict_unlabeled(predictor, [scan_a, scan_b], affine)  # 3D, any order
   unlabeled.predict_unlabeled_files(predictor, ["a.nii.gz", "b.nii.gz"], "seg.nii.gz")
 
-  python evaluate.py --workdir runs/pimms_soft    # also writes classifier_accuracy.md/.json
+  python evaluate.py --workdir runs/pimms_soft    # also writes classifier_accuracy.md/.json and
+                                                  # permutation_invariance.md/.json
 
 The scans (raw intensities, background 0, with their affine: see `hemijax.inference.inputs`) are
 preprocessed together (one brain mask: voxels non-zero in any scan; crop; per-scan normalisation
@@ -15,6 +16,8 @@ classifier decides which modality each scan is. The classifier's accuracy is
 measured on the windows the model sees at inference (axial slices for 2D models, `roi` windows for
 3D ones) that hold any brain voxel: `window_accuracy` over (window, present modality) pairs, and
 `volume_accuracy` over (case, present modality) pairs from the window-averaged probabilities.
+Permutation invariance (the method's defining property) is measured too: the first evaluation
+cases' scans, unnamed, in every order, each order's probabilities against the first order's.
 """
 from __future__ import annotations
 
@@ -258,3 +261,49 @@ def classifier_evaluator(predictor, volumes, out_dir, *, title, progress=True) -
   path = str(out_dir / "classifier_accuracy.md")
   return {"classifier_accuracy": {k: report[k] for k in ("window_accuracy", "volume_accuracy")},
           "classifier": path, "report": path}
+
+
+PERMUTATION_CASES = 2  # every order of 4 scans is 24 whole-volume predictions per case
+
+
+def permutation_report(predictor, volumes, cases: int = PERMUTATION_CASES) -> dict:
+  """How far the prediction moves when the same scans come in another order: the present scans of
+  the first `cases` volumes as unnamed scans in every order, each order's class probabilities
+  against the first order's (max |difference|, voxels whose most likely class changes)."""
+  method, forward = _slot_forward(predictor)
+  settings = inference.WindowSettings.from_config(predictor.config)
+  max_scans = int(predictor.config.model.max_scans)
+  worst, changed, voxels, compared = 0.0, 0, 0, 0
+  for vol in volumes[:cases]:
+    first = None
+    for order in itertools.permutations(np.flatnonzero(vol.available)):
+      image, scan_mask = pad_scans(vol.image[..., list(order)], np.ones(len(order), bool),
+                                   max_scans)
+      probs = inference.predict_probabilities(method, predictor.variables, image,
+                                              scan_mask[None], settings, forward=forward)[0]
+      if first is None:
+        first = probs
+        continue
+      worst = max(worst, float(np.abs(probs - first).max()))
+      changed += int(np.sum(probs.argmax(-1) != first.argmax(-1)))
+      voxels += int(np.prod(probs.shape[:-1]))
+      compared += 1
+  return {"cases": min(cases, len(volumes)), "orders_compared": compared,
+          "max_abs_probability_difference": worst, "voxels_compared": voxels,
+          "voxels_label_changed": changed}
+
+
+def permutation_evaluator(predictor, volumes, out_dir, *, title, progress=True) -> dict:
+  """`evaluate.py`'s report of the predictions' permutation invariance (`permutation_report`)."""
+  del progress
+  report = permutation_report(predictor, volumes)
+  out_dir = pathlib.Path(out_dir)
+  atomic.write_json(out_dir / "permutation_invariance.json", report)
+  path = out_dir / "permutation_invariance.md"
+  atomic.write_text(path, (
+      f"### Permutation invariance, {title}\n\n"
+      f"{report['cases']} case(s), every order of their scans: {report['orders_compared']} "
+      f"orders compared with each case's first; max |probability difference| "
+      f"{report['max_abs_probability_difference']:.2e}; {report['voxels_label_changed']} of "
+      f"{report['voxels_compared']} voxels change their label.\n"))
+  return {"permutation_invariance": report, "report": str(path)}
