@@ -292,6 +292,14 @@ def test_study_presets_parse_and_their_run_configs_load():
         100, 100, 800)
   paper = study.parse_study(study_config.get_config("paper"))
   assert study.method_config(paper, paper.run("disentangle"), 0).train.num_steps == 50000
+  # The diagnosis run: HeMIS on exactly the disentanglement run's 3D patches, batch and windows.
+  for spec in (demo, paper):
+    hemis_3d = study.method_config(spec, spec.run("hemis_3d"), 1)
+    dis = study.method_config(spec, spec.run("disentangle"), 1)
+    assert hemis_3d.method == "hemis" and len(hemis_3d.data.patch_size) == 3
+    for field in ("data.patch_size", "data.batch_size", "eval.roi_size"):
+      section, name = field.split(".")
+      assert tuple(np.atleast_1d(hemis_3d[section][name])) == tuple(np.atleast_1d(dis[section][name]))
 
 
 def test_study_config_errors_name_the_field():
