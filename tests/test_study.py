@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -348,11 +349,13 @@ def _fake_study(tmp_path, seeds=(0,)):
   return study.parse_study(config, "fake")
 
 
-def _install_fakes(monkeypatch, calls, fail_first_train=False, quality=None):
+def _install_fakes(monkeypatch, calls, fail_first_train=False, quality=None,
+                   fail_first_evaluation=False):
   from hemijax.evaluation import evaluate
   from hemijax.training import loop
 
   interrupt = [True] if fail_first_train else []
+  interrupt_evaluation = [True] if fail_first_evaluation else []
   extra_quality = quality
 
   def train(config, workdir, progress=False):
@@ -366,6 +369,10 @@ def _install_fakes(monkeypatch, calls, fail_first_train=False, quality=None):
                        progress=False):
     run = pathlib.Path(workdir).parent.name
     calls.append(("evaluate", run))
+    if interrupt_evaluation:
+      interrupt_evaluation.pop()
+      time.sleep(0.05)  # a measurable attempt
+      raise Interrupted
     quality = {"hemis": 0.7, "unet": 0.5, **(extra_quality or {})}[run]
     rows = _rows({"a": quality, "b": quality - 0.1})
     pathlib.Path(out).mkdir(parents=True, exist_ok=True)
@@ -380,6 +387,23 @@ def _install_fakes(monkeypatch, calls, fail_first_train=False, quality=None):
 
   monkeypatch.setattr(loop, "train", train)
   monkeypatch.setattr(evaluate, "evaluate_workdir", evaluate_workdir)
+
+
+def test_an_interrupted_evaluations_time_counts_with_its_resumed_attempt(tmp_path, monkeypatch):
+  spec, workdir, calls = _fake_study(tmp_path), tmp_path / "study", []
+  _install_fakes(monkeypatch, calls, fail_first_evaluation=True)
+  with pytest.raises(Interrupted):
+    study.run_study(spec, workdir, log=lambda _: None)
+  folder = study.run_dir(workdir, "hemis", 0)
+  pending = study.read_marker(folder)["evaluations_pending"]["test"]
+  assert pending["attempts"] == 1 and pending["wall_s"] >= 0.05
+  study.run_study(spec, workdir, log=lambda _: None)
+  marker = study.read_marker(folder)
+  evaluation = marker["evaluations"]["test"]
+  assert evaluation["attempts"] == 2 and evaluation["wall_s"] >= 0.05
+  assert marker["evaluations_pending"] == {}
+  # The other run was evaluated once, in one attempt.
+  assert study.read_marker(study.run_dir(workdir, "unet", 0))["evaluations"]["test"]["attempts"] == 1
 
 
 def test_interrupted_runs_resume_finished_ones_are_skipped(tmp_path, monkeypatch):

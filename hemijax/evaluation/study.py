@@ -7,8 +7,8 @@ config overrides), seeds, the reference run(s), the evaluations (datasets/splits
   WORKDIR/runs/<run>/seed<k>/            the run's training workdir (as train.py's), and
       study.json                         the marker: config fingerprint, training wall time
                                          (summed over attempts), and each evaluation done (data,
-                                         split, checkpoint step, wall time, cases.csv, the
-                                         method's own reports)
+                                         split, checkpoint step, wall time summed over
+                                         attempts, cases.csv, the method's own reports)
       study_eval/<evaluation>/           evaluate_workdir's output for that evaluation
       study.lock                         held by the study process working on this run x seed
   WORKDIR/report/                        report.md, report.json, dice_by_present_<group>.png,
@@ -413,7 +413,7 @@ def ensure_finished(study: Study, run: Run, seed: int, workdir, *, progress=Fals
   for name, spec in specs.items():
     if marker["evaluations"].get(name, {}).get("spec") == spec:
       continue
-    marker["evaluations"][name] = _evaluate(folder, name, spec, progress, log, run, seed)
+    marker["evaluations"][name] = _evaluate(folder, name, spec, progress, log, run, seed, marker)
     _write_marker(folder, marker)
   return marker
 
@@ -423,21 +423,34 @@ _SUMMARY_FIELDS = {"modalities", "regions", "metrics", "subsets", "overall", "wo
                    "left_out", "not_applicable", "comparison", "as_acquired"}
 
 
-def _evaluate(folder, name, spec, progress, log, run, seed) -> dict:
+def _evaluate(folder, name, spec, progress, log, run, seed, marker) -> dict:
   from hemijax.evaluation.evaluate import evaluate_workdir
 
   log(f"evaluate {run.name} seed {seed} on {spec['data']} ({spec['split']})")
   out = folder / EVAL_FOLDER / name
+  # An interrupted evaluation resumes per case (evaluate_workdir), so its time counts as training's
+  # does: summed over the attempts at this spec, kept in the marker until the evaluation is done.
+  pending = marker.setdefault("evaluations_pending", {})
+  if pending.get(name, {}).get("spec") != spec:
+    pending[name] = {"spec": spec, "wall_s": 0.0, "cpu_s": 0.0, "attempts": 0}
+  attempt = pending[name]
   start, cpu_start = time.perf_counter(), time.process_time()
-  summary = evaluate_workdir(folder, data=spec["data"], split=spec["split"], out=out,
-                             step=spec["step"], metric_options=spec.get("metric_options"),
-                             unknown_regions="ignore", progress=progress)
-  wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+  try:
+    summary = evaluate_workdir(folder, data=spec["data"], split=spec["split"], out=out,
+                               step=spec["step"], metric_options=spec.get("metric_options"),
+                               unknown_regions="ignore", progress=progress)
+  finally:
+    attempt["wall_s"] += time.perf_counter() - start
+    attempt["cpu_s"] += time.process_time() - cpu_start
+    attempt["attempts"] += 1
+    _write_marker(folder, marker)
+  wall, cpu, attempts = pending.pop(name)["wall_s"], attempt["cpu_s"], attempt["attempts"]
   reports = [str(pathlib.Path(r).resolve().relative_to(folder.resolve()))
              for r in summary.get("reports", ())
              if not pathlib.Path(r).name.startswith(("summary.", "comparison"))]
   extras = {k: v for k, v in summary.items() if k not in _SUMMARY_FIELDS}
-  return {"spec": spec, "wall_s": wall, "cpu_s": cpu, "evaluated_at": _now(),
+  return {"spec": spec, "wall_s": wall, "cpu_s": cpu, "attempts": attempts,
+          "evaluated_at": _now(),
           "step": summary.get("step"),
           "cases": str((out / "cases.csv").relative_to(folder)), "method": summary.get("method"),
           "modalities": list(summary["modalities"]), "regions": list(summary["regions"]),
@@ -901,7 +914,8 @@ def _runs_section(results, plots=None) -> list[str]:
            "attempt counts; includes data loading and compilation). Wall time also counts the "
            "time other jobs took on the machine (or the process was paused); CPU time (all the "
            "process's threads) does not, so it is the one to compare. Evaluation time: all of "
-           "the run's evaluations. Evaluated checkpoint step per "
+           "the run's evaluations, each summed over its attempts (an interrupted evaluation "
+           "resumes with the cases it had not scored). Evaluated checkpoint step per "
            "seed. Validation gain: per seed, how much the best validation score (mean Dice with "
            f"all and with random modalities) rose over the last {PLATEAU_TAIL:.0%} of the run's "
            f"steps; under {PLATEAU_GAIN} counts as levelled off (marked ✓); ?: too few "
