@@ -293,7 +293,10 @@ def test_study_presets_parse_and_their_run_configs_load():
         100, 100, 800)
   paper = study.parse_study(study_config.get_config("paper"))
   assert study.method_config(paper, paper.run("disentangle"), 0).train.num_steps == 50000
-  # The diagnosis run: HeMIS on exactly the disentanglement run's 3D patches, batch and windows.
+  # The diagnosis runs: the disentanglement model at twice its budget; HeMIS on exactly the
+  # disentanglement run's 3D patches, batch and windows.
+  assert study.method_config(demo, demo.run("disentangle_long"), 0).train.num_steps == 4000
+  assert study.method_config(paper, paper.run("disentangle_long"), 0).train.num_steps == 100000
   for spec in (demo, paper):
     hemis_3d = study.method_config(spec, spec.run("hemis_3d"), 1)
     dis = study.method_config(spec, spec.run("disentangle"), 1)
