@@ -301,6 +301,8 @@ def test_study_presets_parse_and_their_run_configs_load():
     hemis_3d = study.method_config(spec, spec.run("hemis_3d"), 1)
     dis = study.method_config(spec, spec.run("disentangle"), 1)
     assert hemis_3d.method == "hemis" and len(hemis_3d.data.patch_size) == 3
+    assert (hemis_3d.model.backend_kernel, hemis_3d.model.frontend_kernel,
+            hemis_3d.model.final_kernel) == (3, 3, 3)
     for field in ("data.patch_size", "data.batch_size", "eval.roi_size"):
       section, name = field.split(".")
       assert tuple(np.atleast_1d(hemis_3d[section][name])) == tuple(np.atleast_1d(dis[section][name]))
