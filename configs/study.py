@@ -106,9 +106,9 @@ DEMO_BUDGETS = {
 
 def _hemis_3d(preset: str) -> dict:
   """Overrides that make HeMIS a 3D model on the disentanglement config's patch size, batch size
-  and evaluation windows, with 3x3x3 kernels throughout (the 3D HeMIS of later papers' comparisons,
-  e.g. U-HeMIS; the 2D demo's 5x5 front end and final layer would cost 125 taps each in 3D, and
-  the evaluation of 15 subsets runs the front end once per subset)."""
+  and evaluation windows, with 3x3x3 kernels throughout (the 2D demo's 5x5 front end and final
+  layer would take 125 taps each in 3D, and an evaluation of 15 subsets runs them once per
+  subset)."""
   config = disentangle_config.get_config(preset)
   return {"data.patch_size": tuple(config.data.patch_size),
           "data.batch_size": config.data.batch_size,
