@@ -429,7 +429,8 @@ def _evaluate(folder, name, spec, progress, log, run, seed, marker) -> dict:
   log(f"evaluate {run.name} seed {seed} on {spec['data']} ({spec['split']})")
   out = folder / EVAL_FOLDER / name
   # An interrupted evaluation resumes per case (evaluate_workdir), so its time counts as training's
-  # does: summed over the attempts at this spec, kept in the marker until the evaluation is done.
+  # does: summed over the attempts at this spec, kept in the marker until the evaluation is done
+  # (a killed process runs no `finally`: its attempt is not counted).
   pending = marker.setdefault("evaluations_pending", {})
   if pending.get(name, {}).get("spec") != spec:
     pending[name] = {"spec": spec, "wall_s": 0.0, "cpu_s": 0.0, "attempts": 0}
@@ -910,12 +911,13 @@ def _claims_section(claims) -> list[str]:
 
 
 def _runs_section(results, plots=None) -> list[str]:
-  lines = ["## Runs", "", "Training time: per seed, summed over attempts (an interrupted "
-           "attempt counts; includes data loading and compilation). Wall time also counts the "
+  lines = ["## Runs", "", "Training time: per seed, summed over attempts (an attempt "
+           "interrupted by Ctrl-C or an error counts, one whose process was killed does not; "
+           "includes data loading and compilation). Wall time also counts the "
            "time other jobs took on the machine (or the process was paused); CPU time (all the "
            "process's threads) does not, so it is the one to compare. Evaluation time: all of "
-           "the run's evaluations, each summed over its attempts (an interrupted evaluation "
-           "resumes with the cases it had not scored). Evaluated checkpoint step per "
+           "the run's evaluations, each summed over its attempts as training's (an interrupted "
+           "evaluation resumes with the cases it had not scored). Evaluated checkpoint step per "
            "seed. Validation gain: per seed, how much the best validation score (mean Dice with "
            f"all and with random modalities) rose over the last {PLATEAU_TAIL:.0%} of the run's "
            f"steps; under {PLATEAU_GAIN} counts as levelled off (marked ✓); ?: too few "
