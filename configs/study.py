@@ -1,12 +1,15 @@
 r"""The robustness study: every method x modality subset x metric, several seeds, one report.
 
-  python study.py --config configs/study.py:demo --workdir runs/study
+  python study.py --config configs/study.py:demo --workdir runs/study --archive docs/study/runs
   python study.py --config configs/study.py:smoke --workdir runs/study_smoke   # minutes, CI
 
 Trains every run x seed not finished yet (an interrupted one resumes from its checkpoints, a
 finished one is skipped), evaluates them all on the same cases at the same checkpoint policy, and
 writes WORKDIR/report/ (report.md, report.json, Dice-by-present-modalities PNGs); a finished study
 re-renders its report in seconds. `--render_only` renders from the finished runs alone.
+`--archive docs/study/runs` keeps each finished run's results there (no checkpoints; the demo
+study's are in the repository) and restores them into a new workdir, so the study resumes on
+another machine and its report renders from the archive alone.
 
 Presets: `demo` (default: the methods of docs/results.md at their demo presets, 3 seeds for the
 2D tumour methods, 2 for the others, each scored on 30 unseen phantom subjects; on top, the

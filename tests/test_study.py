@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -471,16 +472,22 @@ def test_interrupted_runs_resume_finished_ones_are_skipped(tmp_path, monkeypatch
                    ("evaluate", "unet")]
 
 
-def test_processes_sharing_a_study_skip_held_runs_and_wait_for_referenced_ones(tmp_path,
-                                                                              monkeypatch):
-  # Another process holds unet seed 0, and mlp_impute uses unet's folder ("run:unet"): this one
-  # trains hemis, waits, then (once the other has finished unet) trains mlp_impute.
+def _smoke_with_mlp_impute(tmp_path):
+  """The smoke study at seed 0 plus mlp_impute, which uses unet's folder ("run:unet")."""
   config = study_config.get_config("smoke")
   config.seeds = (0,)
   config.runs.append(dict(name="mlp_impute", config="configs/mlp_impute.py", preset="smoke",
                           overrides={"impute.segmenter_from": "run:unet"}))
   (tmp_path / "data").mkdir()
   config.evaluations = [dict(name="test", split="test", data=str(tmp_path / "data"))]
+  return config
+
+
+def test_processes_sharing_a_study_skip_held_runs_and_wait_for_referenced_ones(tmp_path,
+                                                                              monkeypatch):
+  # Another process holds unet seed 0, and mlp_impute uses unet's folder ("run:unet"): this one
+  # trains hemis, waits, then (once the other has finished unet) trains mlp_impute.
+  config = _smoke_with_mlp_impute(tmp_path)
   spec, workdir, calls, logged = study.parse_study(config, "fake"), tmp_path / "study", [], []
   _install_fakes(monkeypatch, calls, quality={"mlp_impute": 0.6})
   unet = study.run_dir(workdir, "unet", 0)
@@ -505,6 +512,51 @@ def test_processes_sharing_a_study_skip_held_runs_and_wait_for_referenced_ones(t
   assert any(line.startswith("waiting for unet seed 0, mlp_impute seed 0") for line in logged)
   assert all(study.run_finished(spec, run, 0, workdir) for run in spec.runs)
   assert (workdir / "report" / "report.json").is_file()
+
+
+def test_an_archive_carries_a_study_to_a_new_workdir_without_checkpoints(tmp_path, monkeypatch):
+  # mlp_impute uses unet's checkpoints ("run:unet"), which an archive does not keep.
+  config = _smoke_with_mlp_impute(tmp_path)
+  spec, archive, calls = study.parse_study(config, "fake"), tmp_path / "archive", []
+  _install_fakes(monkeypatch, calls, quality={"mlp_impute": 0.6})
+  first = study.run_study(spec, tmp_path / "a", log=lambda _: None, archive=archive)
+  assert len(calls) == 6
+  for run in ("hemis", "unet", "mlp_impute"):
+    kept = sorted(str(p.relative_to(archive / run / "seed0"))
+                  for p in (archive / run / "seed0").rglob("*") if p.is_file())
+    # The marker, the cases and the method's own report; not the checkpoints.
+    assert kept == ["study.json", "study_eval/test/cases.csv", "study_eval/test/synthesis.md"]
+  assert (tmp_path / "a" / "runs/hemis/seed0/checkpoints").is_dir()
+
+  # A new workdir resumes from the archive: nothing trained or evaluated, the same report.
+  calls.clear()
+  logged = []
+  second = study.run_study(spec, tmp_path / "b", log=logged.append, archive=archive)
+  assert calls == []
+  assert sorted(logged) == [f"restored {run} seed 0 from {archive / run / 'seed0'}"
+                            for run in ("hemis", "mlp_impute", "unet")]
+  claims_of = lambda report: [(c["status"], c["detail"]) for c in study.read_claims(report)]
+  assert claims_of(second) == claims_of(first)
+  assert (second / "extra/hemis/seed0/test/synthesis.md").is_file()
+
+  # Render only, from the archive alone.
+  third = study.run_study(spec, tmp_path / "c", train=False, log=lambda _: None, archive=archive)
+  assert claims_of(third) == claims_of(first) and calls == []
+
+  # mlp_impute is not archived: unet is trained again for its checkpoints, hemis is restored.
+  shutil.rmtree(archive / "mlp_impute")
+  study.run_study(spec, tmp_path / "d", log=lambda _: None, archive=archive)
+  assert calls == [("train", "unet", 0), ("evaluate", "unet"), ("train", "mlp_impute", 0),
+                   ("evaluate", "mlp_impute")]
+  assert (archive / "mlp_impute/seed0/study.json").is_file()  # archived as it finished
+
+  # A changed run config is not taken from the archive: trained and evaluated again.
+  config.overrides.train.num_steps = 4
+  calls.clear()
+  study.run_study(study.parse_study(config, "fake"), tmp_path / "e", log=lambda _: None,
+                  archive=archive)
+  assert [c for c in calls if c[0] == "train"] == [("train", r, 0)
+                                                   for r in ("hemis", "unet", "mlp_impute")]
 
 
 def test_claims_need_their_runs_on_the_same_data():

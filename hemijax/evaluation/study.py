@@ -11,6 +11,9 @@ config overrides), seeds, the reference run(s), the evaluations (datasets/splits
                                          attempts, cases.csv, the method's own reports)
       study_eval/<evaluation>/           evaluate_workdir's output for that evaluation
       study.lock                         held by the study process working on this run x seed
+  ARCHIVE/<run>/seed<k>/                 with an archive (`run_study(archive=...)`): the files of
+                                         a finished run x seed the report reads (`archived_files`;
+                                         no checkpoints), restored into a new workdir
   WORKDIR/report/                        report.md, report.json, dice_by_present_<group>.png,
                                          extra/ (the runs' own reports: synthesis, classifier
                                          accuracy); replaced as a whole (built aside, then renamed)
@@ -363,10 +366,17 @@ def _now() -> str:
 
 
 def _resolved(study: Study, run: Run, seed: int, workdir):
-  """(method config, its fingerprint, {evaluation name: spec}) of one run x seed."""
+  """(method config, its fingerprint, {evaluation name: spec}) of one run x seed.
+
+  The fingerprint names a referenced run ("run:NAME") by name, not by its folder (the config has
+  the folder), so that it does not depend on where the workdir is (an archive restores into
+  another)."""
   config = method_config(study, run, seed, workdir)
   specs = {e.name: evaluation_spec(study, e, config) for e in evaluations_of(study, run)}
-  return config, fingerprint(config), specs
+  unresolved = apply_overrides(config.copy_and_resolve_references(),
+                               {key: run.overrides[key] for key in run_references(run)},
+                               f"{study.source}: run {run.name!r}")
+  return config, fingerprint(unresolved), specs
 
 
 def run_finished(study: Study, run: Run, seed: int, workdir) -> bool:
@@ -652,13 +662,124 @@ def check_claims(study: Study, groups: dict, rows: dict | None = None,
 
 
 # ---------------------------------------------------------------------------------------------
+# The archive: what the report needs of each finished run x seed, kept apart from its checkpoints
+
+
+# A finished run x seed's files that the report reads, plus its resolved config and best step;
+# never its checkpoints (megabytes to gigabytes), so an archive fits in a repository.
+ARCHIVED_FILES = (MARKER, "metrics.jsonl", "config.json", "best.json")
+
+
+def archived_files(marker: dict) -> list[str]:
+  """The paths (relative to the run folder) an archive keeps of a run x seed with this marker:
+  ARCHIVED_FILES and each evaluation's cases.csv, summary and the method's own reports."""
+  files = set(ARCHIVED_FILES)
+  for entry in marker.get("evaluations", {}).values():
+    cases = pathlib.PurePath(entry["cases"])
+    files.update([str(cases), str(cases.with_name("summary.md")), *entry.get("reports", ())])
+  return sorted(files)
+
+
+def archive_dir(archive, run_name: str, seed: int) -> pathlib.Path:
+  return pathlib.Path(archive) / run_name / f"seed{seed}"
+
+
+def archive_run(workdir, archive, run_name: str, seed: int) -> bool:
+  """Copies a finished run x seed's `archived_files` to ARCHIVE/<run>/seed<k>/ (replaced as a
+  whole) unless the archive already holds its marker; returns whether it copied."""
+  folder, target = run_dir(workdir, run_name, seed), archive_dir(archive, run_name, seed)
+  marker = read_marker(folder)
+  if read_marker(target) == marker:
+    return False
+  with atomic.replacing_directory(target) as tmp:
+    for relative in archived_files(marker):
+      if (folder / relative).is_file():
+        (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(folder / relative, tmp / relative)
+  return True
+
+
+def _restore(source: pathlib.Path, folder: pathlib.Path):
+  """Copies an archived run x seed into its run folder, the marker last (until then the folder
+  does not read as finished); checkpoints already there are kept."""
+  marker = read_marker(source)
+  for relative in archived_files(marker):
+    if relative != MARKER and (source / relative).is_file():
+      atomic.write_bytes(folder / relative, (source / relative).read_bytes())
+  _write_marker(folder, marker)
+
+
+def restore_from_archive(study: Study, workdir, archive, *, check=True) -> list[tuple]:
+  """Copies into WORKDIR each run x seed of the study that ARCHIVE holds finished and WORKDIR does
+  not (a new machine resumes a study from its archive; checkpoints are not archived); returns the
+  (run name, seed) pairs restored.
+
+  With `check` (training) an archived run x seed counts only if it is finished as the study asks
+  now (same resolved config and evaluations; `run_finished`), and it is left to be trained again
+  when a run still to be trained at that seed needs its checkpoints ("run:NAME"). The evaluations'
+  data roots are absolute paths (a built-in phantom's lies in the cache), so a new machine must
+  find the data where the archived runs did. Without `check` (render only) an archived marker is
+  taken as the report takes the workdir's."""
+  restorable, unfinished = {}, set()
+  for run in study.runs:
+    for seed in run.seeds:
+      source = archive_dir(archive, run.name, seed)
+      if check:
+        _, fp, specs = _resolved(study, run, seed, workdir)
+        if is_finished(read_marker(run_dir(workdir, run.name, seed)), fp, specs):
+          continue
+        if (source / MARKER).is_file() and is_finished(read_marker(source), fp, specs):
+          restorable[(run.name, seed)] = source
+        else:
+          unfinished.add((run.name, seed))
+      elif read_marker(source).get("trained") and not read_marker(
+          run_dir(workdir, run.name, seed)).get("trained"):
+        restorable[(run.name, seed)] = source
+  needed = {(name, seed) for run in study.runs for seed in run.seeds
+            if (run.name, seed) in unfinished for name in run_references(run).values()}
+  restored = []
+  for key, source in restorable.items():
+    if key in needed:
+      continue
+    folder = run_dir(workdir, *key)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic.exclusive_lock(folder / STUDY_LOCK) as held:
+      if held:
+        _restore(source, folder)
+        restored.append(key)
+  return restored
+
+
+def archive_finished(study: Study, workdir, archive) -> list[tuple]:
+  """Archives every finished run x seed not archived yet that no process holds; returns the
+  (run name, seed) pairs copied."""
+  copied = []
+  for run in study.runs:
+    for seed in run.seeds:
+      folder = run_dir(workdir, run.name, seed)
+      marker = read_marker(folder)
+      wanted = {e.name for e in evaluations_of(study, run)}
+      if not marker.get("trained") or not wanted <= set(marker.get("evaluations", {})):
+        continue
+      with atomic.exclusive_lock(folder / STUDY_LOCK) as held:
+        if held and archive_run(workdir, archive, run.name, seed):
+          copied.append((run.name, seed))
+  return copied
+
+
+# ---------------------------------------------------------------------------------------------
 # The study: run, collect, render
 
 
 def run_study(study: Study, workdir, *, train=True, progress=False, command=None, log=print,
-              poll_s: float = 30.0):
+              poll_s: float = 30.0, archive=None):
   """Finishes every run x seed (unless `train` is False), then renders the report; returns its
   folder.
+
+  With an `archive` folder, run x seeds finished there are restored first (`restore_from_archive`)
+  and each run x seed is archived as it finishes (`archive_run`), and again before rendering, so
+  that the archive alone (kilobytes per run, no checkpoints) carries a study to another machine or
+  session, and renders its report there.
 
   Several processes can share one study (the same command started again: on a 2-core CPU two
   trainings side by side get 1.55x the steps of one, docs/performance.md; or one per
@@ -668,6 +789,9 @@ def run_study(study: Study, workdir, *, train=True, progress=False, command=None
   """
   workdir = pathlib.Path(workdir)
   git_commit()  # the code this process runs, before its checkout can move
+  if archive is not None:
+    for name, seed in restore_from_archive(study, workdir, archive, check=train):
+      log(f"restored {name} seed {seed} from {archive_dir(archive, name, seed)}")
   if train:
     pending = [(run, seed) for run in study.runs for seed in run.seeds]
     while pending:
@@ -684,6 +808,8 @@ def run_study(study: Study, workdir, *, train=True, progress=False, command=None
             left.append((run, seed))
             continue
           ensure_finished(study, run, seed, workdir, progress=progress, log=log)
+          if archive is not None:
+            archive_run(workdir, archive, run.name, seed)
       if len(left) == len(pending):  # everything left is held by another process (or waits on one)
         log(f"waiting for {', '.join(f'{r.name} seed {s}' for r, s in left)} (held by another "
             "study process, or waiting on such a run)")
@@ -694,6 +820,9 @@ def run_study(study: Study, workdir, *, train=True, progress=False, command=None
     workdir.mkdir(parents=True, exist_ok=True)
     with atomic.exclusive_lock(workdir / STUDY_LOCK) as held:
       if held:
+        if archive is not None:  # runs finished before the archive was named, or by others
+          for name, seed in archive_finished(study, workdir, archive):
+            log(f"archived {name} seed {seed} to {archive_dir(archive, name, seed)}")
         return render_report(study, workdir, command=command)
     time.sleep(1.0)
 
