@@ -6,18 +6,32 @@ import difflib
 import os
 import pathlib
 import re
+import signal
 import sys
+import threading
 import traceback
 
 # Errors a user can cause (files, options, workdirs); anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError)
 
 
+class Terminated(KeyboardInterrupt):
+  """SIGTERM (`kill`, a scheduler's time limit), raised as Ctrl-C is, so that the same cleanups
+  run: a study records the interrupted attempt's time, files being written are discarded."""
+
+
+def _raise_terminated(signum, frame):
+  raise Terminated()
+
+
 def run(main_fn, reuse_freed_memory: bool = True) -> None:
   """Runs an entry point's `main_fn`; `reuse_freed_memory`: hemijax.runtime's allocator setting
   unless HEMIJAX_MALLOC says otherwise (training: yes; whole-volume inference: no, its heap
-  fragments)."""
+  fragments). SIGTERM ends it as Ctrl-C does (exit 143 instead of 130); a background process
+  started by a script ignores Ctrl-C's SIGINT, so SIGTERM is how one stops it cleanly."""
   from hemijax import runtime
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, _raise_terminated)
   try:
     # Before JAX starts: freed memory reused, not faulted in again each step (hemijax.runtime).
     runtime.reuse_freed_memory(default=reuse_freed_memory)
@@ -30,9 +44,10 @@ def run(main_fn, reuse_freed_memory: bool = True) -> None:
     print(f"error: {message}", file=sys.stderr)
     _exit_if_distributed()
     sys.exit(1)
-  except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    sys.exit(130)
+  except KeyboardInterrupt as e:
+    terminated = isinstance(e, Terminated)
+    print("terminated" if terminated else "interrupted", file=sys.stderr)
+    sys.exit(143 if terminated else 130)
   except Exception as e:
     _exit_if_distributed(e)
     raise

@@ -73,3 +73,30 @@ def test_a_mistyped_setting_is_one_line_naming_the_variable(tmp_path):
       "error: HEMIJAX_MALLOC='off': choose 'reuse' (freed memory kept and reused) or 'default' "
       "(glibc's own allocator settings)"]
   assert not (tmp_path / "run").exists()
+
+
+# An entry point's main that writes a file in its cleanup, says it has started, then waits.
+_SLEEPER = """
+import pathlib, sys, time
+from hemijax import cli
+def main():
+  try:
+    print("started", flush=True)
+    time.sleep(60)
+  finally:
+    pathlib.Path(sys.argv[1]).write_text("cleaned up")
+cli.run(main)
+"""
+
+
+def test_sigterm_ends_an_entry_point_as_ctrl_c_does_its_cleanups_run(tmp_path):
+  # A background process started by a script ignores SIGINT, so SIGTERM is how a study worker is
+  # stopped; its `finally` blocks (the attempt's time in the study marker) must still run.
+  cleanup = tmp_path / "cleanup"
+  process = subprocess.Popen([sys.executable, "-c", _SLEEPER, str(cleanup)], text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  assert process.stdout.readline().strip() == "started"
+  process.terminate()
+  _, stderr = process.communicate(timeout=60)
+  assert process.returncode == 143 and stderr.strip() == "terminated"
+  assert cleanup.read_text() == "cleaned up"
