@@ -307,6 +307,12 @@ def test_study_presets_parse_and_their_run_configs_load():
     for field in ("data.patch_size", "data.batch_size", "eval.roi_size"):
       section, name = field.split(".")
       assert tuple(np.atleast_1d(hemis_3d[section][name])) == tuple(np.atleast_1d(dis[section][name]))
+    # The URN diagnoses: each URN row with a 64-channel representation, nothing else changed.
+    for wide, row in (("urn_md_wide", "urn_md"), ("urn_pooled_wide", "urn_pooled")):
+      config = study.method_config(spec, spec.run(wide), 0)
+      assert config.model.representation_channels == 64
+      config.model.representation_channels = 16
+      assert config == study.method_config(spec, spec.run(row), 0)
 
 
 def test_study_config_errors_name_the_field():
