@@ -286,7 +286,8 @@ def test_study_presets_parse_and_their_run_configs_load():
   # joint validated every 100 steps; the paper preset keeps its methods' own.
   for name in ("disentangle", "disentangle_mean", "disentangle_mean_dis"):
     config = study.method_config(demo, demo.run(name), 0)
-    assert (config.train.num_steps, config.train.eval_every) == (2000, 200)
+    assert (config.train.num_steps, config.train.eval_every, config.eval.overlap) == (2000, 200,
+                                                                                     0.25)
   assert study.method_config(demo, demo.run("disentangle_mean"), 0).model.disentangle is False
   for name in ("pimms_soft", "joint_lesion_only"):
     config = study.method_config(demo, demo.run(name), 0)
@@ -304,7 +305,7 @@ def test_study_presets_parse_and_their_run_configs_load():
     assert hemis_3d.method == "hemis" and len(hemis_3d.data.patch_size) == 3
     assert (hemis_3d.model.backend_kernel, hemis_3d.model.frontend_kernel,
             hemis_3d.model.final_kernel) == (3, 3, 3)
-    for field in ("data.patch_size", "data.batch_size", "eval.roi_size"):
+    for field in ("data.patch_size", "data.batch_size", "eval.roi_size", "eval.overlap"):
       section, name = field.split(".")
       assert tuple(np.atleast_1d(hemis_3d[section][name])) == tuple(np.atleast_1d(dis[section][name]))
     # The URN diagnoses: each URN row with a 64-channel representation, nothing else changed.
