@@ -289,6 +289,7 @@ def test_study_presets_parse_and_their_run_configs_load():
     assert (config.train.num_steps, config.train.eval_every, config.eval.overlap) == (2000, 200,
                                                                                      0.25)
   assert study.method_config(demo, demo.run("disentangle_mean"), 0).model.disentangle is False
+  assert study.method_config(demo, demo.run("mlp_impute"), 0).train.eval_every == 100
   for name in ("pimms_soft", "joint_lesion_only"):
     config = study.method_config(demo, demo.run(name), 0)
     assert (config.train.eval_every, config.train.checkpoint_every, config.train.num_steps) == (
@@ -308,7 +309,14 @@ def test_study_presets_parse_and_their_run_configs_load():
     for field in ("data.patch_size", "data.batch_size", "eval.roi_size", "eval.overlap"):
       section, name = field.split(".")
       assert tuple(np.atleast_1d(hemis_3d[section][name])) == tuple(np.atleast_1d(dis[section][name]))
-    # The URN diagnoses: each URN row with a 64-channel representation, nothing else changed.
+    # The URN diagnoses: each URN row at twice its segmentation steps, or with a 64-channel
+    # representation, nothing else changed.
+    for long, row in (("urn_md_long", "urn_md"), ("urn_pooled_long", "urn_pooled")):
+      seed = spec.run(long).seeds[0]
+      config, base = (study.method_config(spec, spec.run(n), seed) for n in (long, row))
+      assert config.train.num_steps == 2 * base.train.num_steps
+      config.train.num_steps = base.train.num_steps
+      assert config == base
     for wide, row in (("urn_md_wide", "urn_md"), ("urn_pooled_wide", "urn_pooled")):
       config = study.method_config(spec, spec.run(wide), 0)
       assert config.model.representation_channels == 64
