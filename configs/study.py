@@ -40,6 +40,16 @@ TUMOUR_2D_SEEDS = (0, 1, 2)
 UNSEEN_SEED, UNSEEN_SUBJECTS = 1000, 30  # the evaluation phantom (never trained on)
 OTHER_SEEDS = (0, 1)
 
+
+
+def _urn_claim(run: str, what: str) -> dict:
+  """The URN paper's claim for one of its rows (or a diagnosis run of ours): `what` ≥ U-Net + MD
+  on WT in at least 14 of the 15 subsets."""
+  return dict(kind="beats_in_subsets", run=run, baseline="unet_dropout", region="WT",
+              min_subsets=14, strict=False,
+              text=f"{what} ≥ U-Net + MD on WT in ≥ 14 of 15 subsets")
+
+
 # The papers' relative claims (HeMIS, modality dropout, URN, disentanglement, PIMMS, joint model).
 CLAIMS = (
     # Normalised images have mean 0, so the zero-filled U-Net is the HeMIS paper's mean-filling.
@@ -50,30 +60,18 @@ CLAIMS = (
          missing=("flair",),
          text="Modality dropout rescues the U-Net without FLAIR (mean WT over the subsets lacking "
               "FLAIR)"),
-    dict(kind="beats_in_subsets", run="urn_md", baseline="unet_dropout", region="WT",
-         min_subsets=14, strict=False,
-         text="URN + MD (no pre-training) ≥ U-Net + MD on WT in ≥ 14 of 15 subsets"),
-    dict(kind="beats_in_subsets", run="urn_pooled", baseline="unet_dropout", region="WT",
-         min_subsets=14, strict=False,
-         text="URN + MD (pooled pre-training data) ≥ U-Net + MD on WT in ≥ 14 of 15 subsets"),
-    # Ours, not a paper's: is the unified representation's width (the paper's 16 channels) what
-    # holds the URN rows back?
-    dict(kind="beats_in_subsets", run="urn_md_wide", baseline="unet_dropout", region="WT",
-         min_subsets=14, strict=False,
-         text="Diagnosis (ours): URN + MD with a 64-channel representation (seed 0) ≥ U-Net + MD "
-              "on WT in ≥ 14 of 15 subsets"),
-    dict(kind="beats_in_subsets", run="urn_pooled_wide", baseline="unet_dropout", region="WT",
-         min_subsets=14, strict=False,
-         text="Diagnosis (ours): URN + MD (pooled pre-training data) with a 64-channel "
-              "representation (seed 0) ≥ U-Net + MD on WT in ≥ 14 of 15 subsets"),
-    dict(kind="beats_in_subsets", run="urn_md_long", baseline="unet_dropout", region="WT",
-         min_subsets=14, strict=False,
-         text="Diagnosis (ours): URN + MD with twice the segmentation steps (seed 0) ≥ U-Net + MD "
-              "on WT in ≥ 14 of 15 subsets"),
-    dict(kind="beats_in_subsets", run="urn_pooled_long", baseline="unet_dropout", region="WT",
-         min_subsets=14, strict=False,
-         text="Diagnosis (ours): URN + MD (pooled pre-training data) with twice the segmentation "
-              "steps (seed 1) ≥ U-Net + MD on WT in ≥ 14 of 15 subsets"),
+    _urn_claim("urn_md", "URN + MD (no pre-training)"),
+    _urn_claim("urn_pooled", "URN + MD (pooled pre-training data)"),
+    # Ours, not a paper's: is the unified representation's width (the paper's 16 channels), or the
+    # segmentation budget, what holds the URN rows back?
+    _urn_claim("urn_md_wide", "Diagnosis (ours): URN + MD with a 64-channel representation "
+                              "(seed 0)"),
+    _urn_claim("urn_pooled_wide", "Diagnosis (ours): URN + MD (pooled pre-training data) with a "
+                                  "64-channel representation (seed 0)"),
+    _urn_claim("urn_md_long", "Diagnosis (ours): URN + MD with twice the segmentation steps "
+                              "(seed 0)"),
+    _urn_claim("urn_pooled_long", "Diagnosis (ours): URN + MD (pooled pre-training data) with "
+                                  "twice the segmentation steps (seed 1)"),
     dict(kind="beats_in_subsets", run="disentangle", baseline="hemis", region=("WT", "TC", "ET"),
          min_subsets=15,
          text="Disentangled + gated fusion beats HeMIS in 15 of 15 subsets (WT, TC and ET)"),
