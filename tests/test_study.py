@@ -719,3 +719,13 @@ def test_numeric_leaves_and_measures_over_seeds():
   [measure] = study.run_measures(runs)
   assert measure["measure"] == "synthesis_psnr.t1" and measure["seeds"] == {"0": 20.0, "1": 22.0}
   assert measure["mean"] == 21.0 and measure["sd"] == pytest.approx(np.std([20.0, 22.0], ddof=1))
+
+
+def test_the_demo_studys_archive_is_not_ignored_by_git():
+  # configs/study.py names docs/study/runs as the archive committed with the repository; an
+  # ignore rule for the workdirs (runs/) once swallowed it.
+  path = "docs/study/runs/hemis/seed0/study.json"
+  out = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", path], capture_output=True)
+  if out.returncode == 128:
+    pytest.skip("not a git checkout")
+  assert out.returncode == 1, f"{path} is ignored by git"
