@@ -324,6 +324,13 @@ def read_marker(folder) -> dict:
   return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def trained_and_evaluated(study: Study, run: Run, marker: dict) -> bool:
+  """Trained, and every evaluation the study asks of this run recorded in its marker (whatever
+  its fingerprint: `is_finished` also checks that)."""
+  done = marker.get("evaluations", {})
+  return bool(marker.get("trained")) and all(e.name in done for e in evaluations_of(study, run))
+
+
 def evaluation_spec(study: Study, evaluation: Evaluation, config) -> dict:
   """What an evaluation is done on: data root, split, checkpoint policy (a marker entry key)."""
   if evaluation.data:
@@ -757,9 +764,7 @@ def archive_finished(study: Study, workdir, archive) -> list[tuple]:
   for run in study.runs:
     for seed in run.seeds:
       folder = run_dir(workdir, run.name, seed)
-      marker = read_marker(folder)
-      wanted = {e.name for e in evaluations_of(study, run)}
-      if not marker.get("trained") or not wanted <= set(marker.get("evaluations", {})):
+      if not trained_and_evaluated(study, run, read_marker(folder)):
         continue
       with atomic.exclusive_lock(folder / STUDY_LOCK) as held:
         if held and archive_run(workdir, archive, run.name, seed):
@@ -837,7 +842,7 @@ def collect(study: Study, workdir) -> tuple[dict, list, dict]:
       marker = read_marker(folder)
       wanted = [e.name for e in evaluations_of(study, run)]
       done = marker.get("evaluations", {})
-      if not marker.get("trained") or any(name not in done for name in wanted):
+      if not trained_and_evaluated(study, run, marker):
         unfinished.append(f"{run.name} seed {seed}")
       if marker:
         markers[(run.name, seed)] = marker
