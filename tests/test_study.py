@@ -687,6 +687,19 @@ def test_plateau_gain_of_validation_curves(tmp_path):
   assert study.plateau_gain([[200, 0.09], [400, 0.22], [600, 0.20]]) is None
   assert study.plateau_gain([[400, 0.7]]) is None
   assert study.plateau_gain([]) is None
+  # After an early spike the best score no longer rises, but the curve climbs back: the fitted
+  # tail trend catches it (the pimms_soft seed 0 curve of the demo study).
+  climbing = [[1100, 0.24], [1200, 0.557], [1300, 0.32], [1400, 0.37], [1500, 0.42],
+              [1600, 0.44], [1700, 0.46], [1800, 0.47]]
+  assert study.plateau_gain(climbing) == pytest.approx(0.0)
+  tail = np.array(climbing[3:])                                  # steps > 0.75 * 1800
+  expected = np.polyfit(tail[:, 0], tail[:, 1], 1)[0] * 400
+  assert study.tail_trend(climbing) == pytest.approx(expected) and expected > 0.08
+  assert study.levelled_off(0.0, study.tail_trend(climbing)) is False
+  assert study.tail_trend(flat) == pytest.approx(np.polyfit([350, 400], [0.78, 0.79], 1)[0] * 50)
+  assert study.levelled_off(study.plateau_gain(flat), study.tail_trend(flat)) is True
+  assert study.levelled_off(0.2, -0.1) is False
+  assert study.tail_trend([[400, 0.7]]) is None and study.levelled_off(None, 0.0) is None
   lines = [{"split": "train", "step": 50, "loss": 1.0},
            {"split": "val", "step": 100, "val_score": 0.25, "val_dice_all": 0.3},
            {"split": "val", "step": 200, "val_score": 0.5}]

@@ -282,8 +282,12 @@ def run_dir(workdir, run_name: str, seed: int) -> pathlib.Path:
 # With fewer than PLATEAU_MIN_TAIL validations in that tail the question stays open: one late
 # score below an early best says nothing about the trend (600 steps validated every 200 once read
 # as levelled with a score of 0.2).
+# The best score alone misses a curve that dipped after an early spike and is climbing back (a
+# PIMMS run: 0.56 at one validation, then 0.32 rising to 0.47 at the end), so a line fitted through
+# the tail's scores must not rise by PLATEAU_TREND or more across the tail either.
 PLATEAU_TAIL = 0.25
 PLATEAU_GAIN = 0.01
+PLATEAU_TREND = 0.02
 PLATEAU_MIN_TAIL = 2
 VALIDATION_SCORE = "val_score"  # hemijax.training.checkpoints.BEST_METRIC, what "best" picks
 
@@ -309,6 +313,27 @@ def plateau_gain(curve, tail: float = PLATEAU_TAIL) -> float | None:
   if not before or len(curve) - len(before) < PLATEAU_MIN_TAIL:
     return None
   return max(score for _, score in curve) - max(before)
+
+
+def tail_trend(curve, tail: float = PLATEAU_TAIL) -> float | None:
+  """How much a least-squares line through the validation scores of the last `tail` of the
+  run's steps rises across them (its slope times their span). None with fewer than
+  PLATEAU_MIN_TAIL scores there."""
+  if not curve:
+    return None
+  last = curve[-1][0]
+  points = np.array([(step, score) for step, score in curve if step > (1.0 - tail) * last], float)
+  if len(points) < PLATEAU_MIN_TAIL:
+    return None
+  slope = np.polyfit(points[:, 0], points[:, 1], 1)[0]
+  return float(slope * (points[-1, 0] - points[0, 0]))
+
+
+def levelled_off(gain, trend) -> bool | None:
+  """Whether validation levelled off (None: too few validations to tell)."""
+  if gain is None or trend is None:
+    return None
+  return gain < PLATEAU_GAIN and trend < PLATEAU_TREND
 
 
 def evaluations_of(study: Study, run: Run) -> list[Evaluation]:
@@ -884,7 +909,8 @@ def build_results(study: Study, workdir, *, command=None) -> dict:
             "trained", "train_wall_s", "train_cpu_s", "train_attempts", "trained_at", "commit")}
         seeds[str(seed)]["evaluations"] = marker.get("evaluations", {})
         curve = validation_curve(run_dir(workdir, run.name, seed))
-        seeds[str(seed)].update(validation=curve, plateau_gain=plateau_gain(curve))
+        seeds[str(seed)].update(validation=curve, plateau_gain=plateau_gain(curve),
+                                  tail_trend=tail_trend(curve))
     runs.append({"name": run.name, "config": run.config, "preset": run.preset,
                  "overrides": run.overrides, "seeds": list(run.seeds), "finished": seeds})
   measures = run_measures(runs)
@@ -1054,9 +1080,10 @@ def _runs_section(results, plots=None) -> list[str]:
            "evaluation resumes with the cases it had not scored). Evaluated checkpoint step per "
            "seed. Validation gain: per seed, how much the best validation score (mean Dice with "
            f"all and with random modalities) rose over the last {PLATEAU_TAIL:.0%} of the run's "
-           f"steps; under {PLATEAU_GAIN} counts as levelled off (marked ✓); ?: too few "
-           f"validations to tell (fewer than {PLATEAU_MIN_TAIL} in that last part). –: not "
-           "recorded.",
+           f"steps, and the rise across that part of a line fitted through its scores (trend); "
+           f"levelled off (marked ✓) when the gain is under {PLATEAU_GAIN} and the trend under "
+           f"{PLATEAU_TREND}; ?: too few validations to tell (fewer than {PLATEAU_MIN_TAIL} in "
+           "that last part). –: not recorded.",
            "",
            _row(["run", "config", "overrides", "seeds trained", "training wall time",
                  "training CPU time", "evaluation wall time", "evaluation CPU time",
@@ -1077,16 +1104,16 @@ def _runs_section(results, plots=None) -> list[str]:
         per_seed(evaluation_time("wall_s")), per_seed(evaluation_time("cpu_s")),
         ", ".join(str(e.get("step")) for i in done.values() for e in i["evaluations"].values())
         or "–",
-        per_seed(lambda i: _gain(i.get("plateau_gain")))]))
+        per_seed(lambda i: _gain(i.get("plateau_gain"), i.get("tail_trend")))]))
   if "validation" in (plots or {}):
     lines += ["", f"![Validation score against step, one line per seed]({plots['validation']})"]
   return lines + [""]
 
 
-def _gain(gain) -> str:
-  if gain is None:
+def _gain(gain, trend) -> str:
+  if levelled_off(gain, trend) is None:
     return "?"
-  return f"{gain:+.3f}" + (" ✓" if gain < PLATEAU_GAIN else "")
+  return f"{gain:+.3f} (trend {trend:+.3f})" + (" ✓" if levelled_off(gain, trend) else "")
 
 
 def _group_section(group, plot) -> list[str]:
