@@ -290,10 +290,14 @@ def test_study_presets_parse_and_their_run_configs_load():
                                                                                      0.25)
   assert study.method_config(demo, demo.run("disentangle_mean"), 0).model.disentangle is False
   assert study.method_config(demo, demo.run("mlp_impute"), 0).train.eval_every == 100
-  for name in ("pimms_soft", "joint_lesion_only"):
+  # PIMMS' segmenter at twice its demo steps (the online variant's γ scaled to them); the joint
+  # model at its own.
+  for name, steps in (("pimms_soft", 1600), ("pimms_online", 1600), ("joint_lesion_only", 800)):
     config = study.method_config(demo, demo.run(name), 0)
     assert (config.train.eval_every, config.train.checkpoint_every, config.train.num_steps) == (
-        100, 100, 800)
+        100, 100, steps)
+  assert study.method_config(demo, demo.run("pimms_online"), 0).loss.class_weight_decay == (
+      pytest.approx(5.0 / 1600))
   paper = study.parse_study(study_config.get_config("paper"))
   assert study.method_config(paper, paper.run("disentangle"), 0).train.num_steps == 50000
   # The diagnosis runs: the disentanglement model at twice its budget; HeMIS on exactly the
