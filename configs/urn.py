@@ -8,7 +8,9 @@ encoders + synthesis decoders, dropout theta = 0.8, pooled tumour + healthy T1/T
 segmentation (`train.num_steps`, the segmentation decoder on the frozen encoders, theta = 0.5).
 Variants: the default `md_pooled` ("URN + MD with pooled healthy data", the two stages above) and
 `md` ("URN + MD": `paper_md`, `demo_md`, `smoke_md`; no pre-training, encoders trained end to end
-on segmentation).
+on segmentation). Whether the paper's pooled row freezes the pre-trained encoders is not settled;
+`md_pooled` (and so `paper`) freezes them, `md_pooled_finetuned` (`paper_md_pooled_finetuned`,
+`demo_md_pooled_finetuned`, ...) trains them with the segmentation decoder after pre-training.
 Presets: `paper` (the paper's settings: 16-channel representation, variance weight 1e-4, Adam with
 lr 3e-5 for pre-training and 1e-4 for segmentation, batch size 4, cross-entropy alone for
 segmentation), `demo` (default; minutes on 2 CPU cores), `smoke` (seconds, for tests). f = exp instead of the arithmetic mean:
@@ -58,7 +60,8 @@ def without_pretraining(config: ml_collections.ConfigDict) -> None:
   config.pretrain.num_steps = 0
 
 
-VARIANTS = {**common.recorded_variants("md_pooled"), "md": without_pretraining}
+VARIANTS = {**common.recorded_variants("md_pooled", "md_pooled_finetuned"),
+            "md": without_pretraining}
 
 
 def get_config(preset: str = "demo") -> ml_collections.ConfigDict:

@@ -326,6 +326,11 @@ def test_study_presets_parse_and_their_run_configs_load():
       assert config.model.representation_channels == 64
       config.model.representation_channels = 16
       assert config == study.method_config(spec, spec.run(row), 0)
+    # The fine-tuned reading of the pooled row: only the variant (and the preset's name).
+    config = study.method_config(spec, spec.run("urn_pooled_finetuned"), 0)
+    assert config.variant == "md_pooled_finetuned"
+    config.variant, config.preset = "md_pooled", spec.run("urn_pooled").preset
+    assert config == study.method_config(spec, spec.run("urn_pooled"), 0)
 
 
 def test_study_config_errors_name_the_field():

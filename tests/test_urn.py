@@ -157,11 +157,15 @@ def test_config_errors():
     urn_config.get_config("demo_dropout")
 
 
-def test_smoke_training_pools_data_and_freezes_by_stage(tmp_path):
+@pytest.mark.parametrize("preset,encoders_train", [("smoke", False),
+                                                    ("smoke_md_pooled_finetuned", True)])
+def test_smoke_training_pools_data_and_freezes_by_stage(tmp_path, preset, encoders_train):
+  """Pre-training never touches the segmenter; segmentation leaves the synthesis decoders alone
+  and trains the encoders only in the fine-tuned reading of the pooled row."""
   from hemijax.inference.predictor import load_run
   from hemijax.training import loop
 
-  config = smoke_training_config(urn_config)
+  config = smoke_training_config(urn_config, preset)
   config.pretrain.num_steps = 2
   config.train.num_steps = 2
   config.train.keep_checkpoints = 4
@@ -179,11 +183,12 @@ def test_smoke_training_pools_data_and_freezes_by_stage(tmp_path):
   assert [r["step"] for r in records if r["split"] == "val"] == [4]
   _, _, start = load_run(tmp_path, step=2)
   _, _, end = load_run(tmp_path, step=4)
-  for part, changed in (("encoders", False), ("synthesis", False), ("segmenter", True)):
+  for part, changed in (("encoders", encoders_train), ("synthesis", False), ("segmenter", True)):
     pairs = list(zip(jax.tree.leaves(start["params"][part]), jax.tree.leaves(end["params"][part])))
     assert any(not np.array_equal(a, b) for a, b in pairs) == changed, part
-  np.testing.assert_array_equal(start["batch_stats"]["encoders"]["normalise"]["mean"],
-                                end["batch_stats"]["encoders"]["normalise"]["mean"])
+  stats_moved = not np.array_equal(start["batch_stats"]["encoders"]["normalise"]["mean"],
+                                   end["batch_stats"]["encoders"]["normalise"]["mean"])
+  assert stats_moved == encoders_train
 
 
 def test_synthesis_psnr_rows_and_values(default, tmp_path):
@@ -238,6 +243,9 @@ def test_synthesis_psnr_rows_and_values(default, tmp_path):
 def test_variants_md_and_md_pooled():
   pooled, md = urn_config.get_config("smoke"), urn_config.get_config("smoke_md")
   assert (pooled.variant, md.variant, md.pretrain.num_steps) == ("md_pooled", "md", 0)
+  tuned = urn_config.get_config("smoke_md_pooled_finetuned")
+  assert tuned.pretrain.num_steps == pooled.pretrain.num_steps > 0
+  assert [e.__name__ for e in get_method(tuned).evaluators] == ["synthesis_evaluator"]
   assert pooled.pretrain.num_steps > 0
   assert urn_config.get_config("paper_md").loss.dice_weight == 0.0   # the paper: cross-entropy
   # Only the pre-trained variant has trained synthesis decoders to report on.

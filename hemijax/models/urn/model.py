@@ -25,7 +25,9 @@ reach get zero gradients and so zero Adam updates.
 `config.variant` picks the paper's two URN rows: "md_pooled" (the default: "URN + MD with pooled
 healthy data", the two stages above) or "md" ("URN + MD": no pre-training; one "segmentation" stage
 trains encoders and segmentation decoder end to end, the encoders' batch normalisations in training
-mode; the synthesis decoders stay untrained).
+mode; the synthesis decoders stay untrained). "md_pooled_finetuned" is the other reading of the
+pooled row, which the paper leaves open: the same pre-training, then segmentation trains the
+encoders with the decoder, as "md" does (the synthesis decoders keep their pre-trained weights).
 """
 from __future__ import annotations
 
@@ -293,7 +295,7 @@ def pretrain_batches(config, load_split):
 # ------------------------------------------------------------------------------------------------
 
 
-VARIANTS = ("md_pooled", "md")
+VARIANTS = ("md_pooled", "md", "md_pooled_finetuned")
 
 
 def pretrains(config) -> bool:
@@ -351,7 +353,8 @@ def build(config) -> base.Method:
                        size_multiple=multiple,
                        stages=(base.Stage("segmentation", seg_loss, config.train.num_steps,
                                           config.optimizer),))
-  seg_loss = segmentation_loss(model, config)
+  seg_loss = segmentation_loss(model, config,
+                               train_encoders=config.variant == "md_pooled_finetuned")
   stages = (
       # The segmentation decoder is untrained here: validating it would only add noise.
       base.Stage("pretrain", pretrain_loss(model, config), config.pretrain.num_steps,
