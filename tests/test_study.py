@@ -596,6 +596,34 @@ def test_claims_need_their_runs_on_the_same_data():
   assert result["status"] == "not run" and "not evaluated on the same data" in result["detail"]
 
 
+def test_same_seeds_claims_compare_a_one_seed_run_with_the_others_at_that_seed():
+  """A diagnosis run of seed 1 against a row whose seed 0 is strong and seed 1 weak: over all
+  seeds the row looks better, at seed 1 the diagnosis run is; means and paired cases alike."""
+  cases = [f"c{i}" for i in range(12)]
+  rows = {"row": {0: _rows({c: 0.9 for c in cases}), 1: _rows({c: 0.3 + 0.01 * i
+                                                                for i, c in enumerate(cases)})},
+          "diag": {1: _rows({c: 0.5 + 0.01 * i for i, c in enumerate(cases)})}}
+  group = dict(study.group_results(rows, TUMOUR, ("WT",), ("dice",), "row"), evaluation="e")
+  claim = dict(kind="better_on_average", run="diag", baseline="row", region="WT")
+  spec = lambda c: study.parse_study(dict(
+      runs=[dict(name="row", config="c.py"), dict(name="diag", config="c.py")], claims=[c],
+      evaluations=[dict(name="e", split="all", data=None)]))
+  [pooled] = study.check_claims(spec(claim), {"g": group}, {"g": rows})
+  [paired] = study.check_claims(spec(dict(claim, same_seeds=True)), {"g": group}, {"g": rows})
+  assert pooled["status"] == "does not hold" and paired["status"] == "holds"
+  assert paired["detail"].startswith("seed 1 of every run: ")
+  row_seed1 = np.mean([0.3 + 0.01 * i for i in range(12)])
+  assert f"vs {row_seed1:.3f}" in paired["detail"]
+  [evidence] = paired["evidence"]
+  assert evidence["n"] == 12 and evidence["mean_difference"] == pytest.approx(0.2)
+  assert study.seeds_in_group(group, "diag") == {1} and study.seeds_in_group(group, "row") == {0, 1}
+  # A baseline without the run's seed: not run.
+  rows["row"].pop(1)
+  group = dict(study.group_results(rows, TUMOUR, ("WT",), ("dice",), "row"), evaluation="e")
+  [absent] = study.check_claims(spec(dict(claim, same_seeds=True)), {"g": group}, {"g": rows})
+  assert absent["status"] == "not run"
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: real training and evaluation at smoke size
 

@@ -25,7 +25,10 @@ modalities; better means higher for Dice and lower for distances, `HIGHER_IS_BET
                       study's "measures": a dotted key of an evaluation's extras, e.g.
                       "permutation_invariance.voxels_label_changed"); holds when every seed's
                       value is at most `value`. Checked with `check(..., measures=...)`.
-An optional `text` replaces the generated sentence.
+An optional `text` replaces the generated sentence. `same_seeds=True` (applied by the study,
+`hemijax.evaluation.study.check_claims`): every run's results at `run`'s seeds only, so that a
+diagnosis run of one seed is compared with the other runs at that seed, not with their mean over
+all of theirs.
 
 Paired evidence (`check(..., cases=...)`, per-case values): the verdict is on the means, but a
 count like "≥ in 7 of 15" cannot tell a real deficit from noise. So each check also reports the
@@ -43,7 +46,7 @@ from hemijax.evaluation import statistics
 from hemijax.evaluation.metrics import HIGHER_IS_BETTER
 
 HOLDS, DOES_NOT_HOLD, NOT_RUN = "holds", "does not hold", "not run"
-_COMMON = ("kind", "text", "metric", "region", "missing", "present", "evaluation")
+_COMMON = ("kind", "text", "metric", "region", "missing", "present", "evaluation", "same_seeds")
 FIELDS = {  # kind -> (required fields, optional fields)
     "beats_in_subsets": (("run", "baseline", "region", "min_subsets"), ("strict",)),
     "better_on_average": (("run", "baseline", "region"), ("margin",)),

@@ -642,8 +642,9 @@ def _by_present(cells, runs, regions, modalities) -> dict:
   return out
 
 
-def claim_means(group: dict) -> dict:
-  """run -> metric -> region -> subset -> mean over seeds (the subsets only), for claims."""
+def claim_means(group: dict, seeds=None) -> dict:
+  """run -> metric -> region -> subset -> mean over seeds (the subsets only), for claims; with
+  `seeds`, over those seeds only (a run x subset without any of them is left out)."""
   means = {}
   for metric, by_region in group["tables"].items():
     for region, table in by_region.items():
@@ -651,9 +652,22 @@ def claim_means(group: dict) -> dict:
         if subset == AS_ACQUIRED:
           continue
         for run, entry in row.items():
-          means.setdefault(run, {}).setdefault(metric, {}).setdefault(region, {})[subset] = \
-              entry["mean"]
+          if seeds is None:
+            value = entry["mean"]
+          else:
+            kept = [v for s, v in entry["seed_means"].items() if int(s) in seeds]
+            if not kept:
+              continue
+            value = float(np.mean(kept))
+          means.setdefault(run, {}).setdefault(metric, {}).setdefault(region, {})[subset] = value
   return means
+
+
+def seeds_in_group(group: dict, run: str) -> set[int]:
+  """The seeds of `run` that the group's tables hold."""
+  return {int(s) for by_region in group["tables"].values() for table in by_region.values()
+          for row in table.values() for name, entry in row.items() if name == run
+          for s in entry["seed_means"]}
 
 
 def claim_cases(rows: dict, runs, metrics) -> dict:
@@ -679,9 +693,20 @@ def check_claims(study: Study, groups: dict, rows: dict | None = None,
                 if g["evaluation"] == evaluation and set(needed) <= set(g["runs"])), None)
     if key is not None:
       group = groups[key]
-      cases = (claim_cases(rows[key], needed, study.metrics)
-               if rows is not None and key in rows else None)
-      result = claims_lib.check(claim, claim_means(group), cases, measures)
+      # same_seeds: every run at the claim's run's seeds only (a diagnosis run of one seed
+      # against its row at that seed, not against the row's mean over all its seeds).
+      seeds = seeds_in_group(group, claim["run"]) if claim.get("same_seeds") else None
+      group_rows = None
+      if rows is not None and key in rows:
+        group_rows = {run: {seed: r for seed, r in by_seed.items()
+                            if seeds is None or int(seed) in seeds}
+                      for run, by_seed in rows[key].items()}
+      cases = (claim_cases(group_rows, needed, study.metrics)
+               if group_rows is not None else None)
+      result = claims_lib.check(claim, claim_means(group, seeds), cases, measures)
+      if seeds is not None and result["status"] != claims_lib.NOT_RUN:
+        result["detail"] = (f"seed{'s' if len(seeds) > 1 else ''} "
+                            f"{', '.join(map(str, sorted(seeds)))} of every run: {result['detail']}")
     else:
       result = claims_lib.check(claim, {})  # for its text
       absent = [r for r in needed if not any(r in g["runs"] for g in candidates)]
