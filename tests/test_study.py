@@ -326,6 +326,11 @@ def test_study_presets_parse_and_their_run_configs_load():
       assert config.model.representation_channels == 64
       config.model.representation_channels = 16
       assert config == study.method_config(spec, spec.run(row), 0)
+    # The joint model at twice its steps, nothing else changed.
+    config, base = (study.method_config(spec, spec.run(n), 0) for n in ("joint_long", "joint"))
+    assert config.train.num_steps == 2 * base.train.num_steps
+    config.train.num_steps = base.train.num_steps
+    assert config == base
     # The fine-tuned reading of the pooled row: only the variant (and the preset's name).
     config = study.method_config(spec, spec.run("urn_pooled_finetuned"), 0)
     assert config.variant == "md_pooled_finetuned"
