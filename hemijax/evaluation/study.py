@@ -935,7 +935,7 @@ def build_results(study: Study, workdir, *, command=None) -> dict:
         seeds[str(seed)]["evaluations"] = marker.get("evaluations", {})
         curve = validation_curve(run_dir(workdir, run.name, seed))
         seeds[str(seed)].update(validation=curve, plateau_gain=plateau_gain(curve),
-                                  tail_trend=tail_trend(curve))
+                                tail_trend=tail_trend(curve))
     runs.append({"name": run.name, "config": run.config, "preset": run.preset,
                  "overrides": run.overrides, "seeds": list(run.seeds), "finished": seeds})
   measures = run_measures(runs)
@@ -1085,7 +1085,10 @@ def _claims_section(claims) -> list[str]:
            "over seeds; the as-acquired row is not a subset). The verdict is on those means; "
            "after it, the paired Wilcoxon tests over the cases (each case's mean over seeds) "
            "say which differences are significant: per subset, Holm-corrected over the claim's "
-           f"subsets (p < {statistics.SIGNIFICANCE}), or of each case's mean over the subsets.",
+           f"subsets (p < {statistics.SIGNIFICANCE}), or of each case's mean over the subsets. "
+           "A claim whose numbers start with \"seed k of every run\" compares every run at the "
+           "claim's run's seeds only (a diagnosis run of one seed against the others at that "
+           "seed), means and cases alike.",
            "",
            _row(["claim", "result", "numbers"]), _row([":-", ":-", ":-"])]
   for claim in claims:
