@@ -14,12 +14,12 @@ another machine and its report renders from the archive alone.
 Presets: `demo` (default: the methods of docs/results.md at their demo presets, 3 seeds for the
 2D tumour methods, 2 for the others, each scored on 30 unseen phantom subjects; on top, the
 settings of `DEMO_BUDGETS`: disentanglement 2000 steps with windows overlapping by 0.25, PIMMS
-at twice its segmentation steps, PIMMS and joint (and the MLP imputation) validated every 100; diagnosis runs of ours: after the URN
-runs, both URN rows with a 64-channel representation and at twice the segmentation steps, and the
-pooled row with its encoders fine-tuned; the joint model at twice its steps; after
-the disentanglement runs, that model at twice the budget and HeMIS in 3D on its patches), `paper` (the same runs at their paper
-presets), `smoke` (HeMIS and the U-Net at their smoke presets, 3 steps, 2 seeds: the whole
-pipeline in a few minutes on 2 cores).
+at twice its segmentation steps, PIMMS and joint (and the MLP imputation) validated every 100;
+diagnosis runs of ours: after the URN runs, both URN rows with a 64-channel representation and at
+twice the segmentation steps, and the pooled row with its encoders fine-tuned; the joint model at
+twice its steps; after the disentanglement runs, that model at twice the budget and HeMIS in 3D on
+its patches), `paper` (the same runs at their paper presets), `smoke` (HeMIS and the U-Net at their
+smoke presets, 3 steps, 2 seeds: the whole pipeline in a few minutes on 2 cores).
 
 Fields: `runs` (name, method config file, preset, config `overrides` as dotted field -> value,
 optional `seeds`), `seeds`, `reference` (run names: each group of runs evaluated on the same data

@@ -13,7 +13,8 @@ on segmentation). Whether the paper's pooled row freezes the pre-trained encoder
 `demo_md_pooled_finetuned`, ...) trains them with the segmentation decoder after pre-training.
 Presets: `paper` (the paper's settings: 16-channel representation, variance weight 1e-4, Adam with
 lr 3e-5 for pre-training and 1e-4 for segmentation, batch size 4, cross-entropy alone for
-segmentation), `demo` (default; minutes on 2 CPU cores), `smoke` (seconds, for tests). f = exp instead of the arithmetic mean:
+segmentation), `demo` (default; minutes on 2 CPU cores), `smoke` (seconds, for tests).
+f = exp instead of the arithmetic mean:
 `--config.model.f_mean=exp`; no variance term: `--config.pretrain.variance_weight=0
 --config.pretrain.dropout.min_kept=1`.
 """

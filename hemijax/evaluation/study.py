@@ -705,8 +705,9 @@ def check_claims(study: Study, groups: dict, rows: dict | None = None,
                if group_rows is not None else None)
       result = claims_lib.check(claim, claim_means(group, seeds), cases, measures)
       if seeds is not None and result["status"] != claims_lib.NOT_RUN:
-        result["detail"] = (f"seed{'s' if len(seeds) > 1 else ''} "
-                            f"{', '.join(map(str, sorted(seeds)))} of every run: {result['detail']}")
+        names = ", ".join(map(str, sorted(seeds)))
+        result["detail"] = (f"seed{'s' if len(seeds) > 1 else ''} {names} of every run: "
+                            f"{result['detail']}")
     else:
       result = claims_lib.check(claim, {})  # for its text
       absent = [r for r in needed if not any(r in g["runs"] for g in candidates)]
