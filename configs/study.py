@@ -17,8 +17,8 @@ settings of `DEMO_BUDGETS`: disentanglement 2000 steps with windows overlapping 
 at twice its segmentation steps, PIMMS and joint (and the MLP imputation) validated every 100;
 diagnosis runs of ours: after the URN runs, both URN rows with a 64-channel representation and at
 twice the segmentation steps, and the pooled row with its encoders fine-tuned; the joint model at
-twice its steps; after the disentanglement runs, that model at twice the budget and HeMIS in 3D on
-its patches), `paper` (the same runs at their paper presets), `smoke` (HeMIS and the U-Net at their
+twice its steps; HeMIS in 3D on the disentanglement model's patches, and that model at twice
+the budget), `paper` (the same runs at their paper presets), `smoke` (HeMIS and the U-Net at their
 smoke presets, 3 steps, 2 seeds: the whole pipeline in a few minutes on 2 cores).
 
 Fields: `runs` (name, method config file, preset, config `overrides` as dotted field -> value,
@@ -231,17 +231,18 @@ def study_runs(preset: str) -> list[dict]:
       # A diagnosis of ours (see CLAIMS): the joint model at twice its steps.
       _run("joint_long", "joint", preset, (0,),
            **{"train.num_steps": 2 * joint_config.get_config(preset).train.num_steps}),
-      # A diagnosis of ours (see CLAIMS): the disentanglement model with twice the study's
-      # budget, one seed (seed 0's validation score was still rising at the end of its 2000
-      # steps). The longest run of the study, so it comes first of the 3D runs.
-      _run("disentangle_long", "disentangle", preset, (0,),
-           **{"train.num_steps": 2 * _disentangle_in_study(preset).train.num_steps}),
       _run("disentangle", "disentangle", preset, other),
+      # A diagnosis of ours (see CLAIMS), right after the run it is compared with: HeMIS in 3D
+      # on the disentanglement preset's patches, batch and windows.
+      _run("hemis_3d", "hemis", preset, other, **_hemis_3d(preset)),
       _run("disentangle_mean", "disentangle", preset, other,
            **{"model.fusion": "mean", "model.disentangle": False}),
       _run("disentangle_mean_dis", "disentangle", preset, other, **{"model.fusion": "mean"}),
-      # Another diagnosis: HeMIS in 3D on the disentanglement preset's patches, batch and windows.
-      _run("hemis_3d", "hemis", preset, other, **_hemis_3d(preset)),
+      # A diagnosis of ours (see CLAIMS): the disentanglement model with twice the study's
+      # budget, one seed (seed 0's validation score was still rising at the end of its 2000
+      # steps). The longest run of the study, so it comes last: the claims' own runs first.
+      _run("disentangle_long", "disentangle", preset, (0,),
+           **{"train.num_steps": 2 * _disentangle_in_study(preset).train.num_steps}),
   ]
   if preset == "demo":
     for run in runs:
