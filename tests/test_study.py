@@ -304,6 +304,16 @@ def test_study_presets_parse_and_their_run_configs_load():
   # disentanglement run's 3D patches, batch and windows.
   assert study.method_config(demo, demo.run("disentangle_long"), 1).train.num_steps == 4000
   assert study.method_config(paper, paper.run("disentangle_long"), 1).train.num_steps == 100000
+  # ... and sampling patches as HeMIS does, all else as the disentanglement run.
+  for spec in (demo, paper):
+    balanced = study.method_config(spec, spec.run("disentangle_balanced"), 0)
+    hemis = study.method_config(spec, spec.run("hemis"), 0)
+    dis = study.method_config(spec, spec.run("disentangle"), 0)
+    assert dis.data.sampling == "uniform"
+    assert (balanced.data.sampling, balanced.data.balanced_fraction) == (
+        hemis.data.sampling, hemis.data.balanced_fraction) == ("balanced", 0.5)
+    balanced.data.sampling, balanced.data.balanced_fraction = "uniform", dis.data.balanced_fraction
+    assert balanced.to_dict() == dis.to_dict()
   for spec in (demo, paper):
     hemis_3d = study.method_config(spec, spec.run("hemis_3d"), 1)
     dis = study.method_config(spec, spec.run("disentangle"), 1)
