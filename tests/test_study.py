@@ -451,6 +451,66 @@ def test_an_interrupted_evaluations_time_counts_with_its_resumed_attempt(tmp_pat
   assert study.read_marker(study.run_dir(workdir, "unet", 0))["evaluations"]["test"]["attempts"] == 1
 
 
+def test_a_killed_attempts_time_is_on_disk_up_to_the_last_clock_tick(tmp_path, monkeypatch):
+  """A killed process runs no `finally`: what a kill would leave is the marker on disk while the
+  attempt runs, which the attempt clock keeps current."""
+  from hemijax.evaluation import evaluate
+  from hemijax.training import loop
+
+  spec, workdir, calls = _fake_study(tmp_path), tmp_path / "study", []
+  _install_fakes(monkeypatch, calls)
+  monkeypatch.setattr(study, "ATTEMPT_CLOCK_EVERY_S", 0.02)
+  seen = {}
+  real_evaluate = evaluate.evaluate_workdir
+
+  def train(config, workdir, progress=False):
+    before = study.read_marker(pathlib.Path(workdir))
+    time.sleep(0.3)
+    seen.setdefault("train", (before, study.read_marker(pathlib.Path(workdir))))
+    (pathlib.Path(workdir) / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+  def evaluate_workdir(workdir, **kwargs):
+    time.sleep(0.3)
+    seen.setdefault("evaluate", study.read_marker(pathlib.Path(workdir)))
+    return real_evaluate(workdir, **kwargs)
+
+  monkeypatch.setattr(loop, "train", train)
+  monkeypatch.setattr(evaluate, "evaluate_workdir", evaluate_workdir)
+  study.run_study(spec, workdir, log=lambda _: None)
+  before, during = seen["train"]
+  assert before["train_attempts"] == 1 and before["train_wall_s"] < 0.1  # counted at the start
+  assert during["train_wall_s"] >= 0.1 and during["train_cpu_s"] >= 0.0
+  assert not during["trained"]
+  pending = seen["evaluate"]["evaluations_pending"]["test"]
+  assert pending["attempts"] == 1 and pending["wall_s"] >= 0.1
+  marker = study.read_marker(study.run_dir(workdir, "hemis", 0))
+  assert marker["trained"] and marker["train_attempts"] == 1 and marker["train_wall_s"] >= 0.3
+  assert marker["evaluations"]["test"]["wall_s"] >= 0.3
+
+
+def test_logged_step_time_bounds_the_training_time_from_below(tmp_path):
+  """metrics.jsonl's steps_per_s, summed over the logged steps: a lower bound that shows a killed
+  attempt's time missing from an older marker (the report marks those times ≥)."""
+  lines = [{"split": "train", "step": 50, "steps_per_s": 0.5},
+           {"split": "train", "step": 100, "steps_per_s": 0.25},
+           {"split": "val", "step": 100, "val_score": 0.3},
+           {"split": "train", "step": 150, "steps_per_s": 1.0},   # killed after this,
+           {"split": "train", "step": 150, "steps_per_s": 0.5},   # resumed from step 100
+           {"split": "train", "step": 200, "steps_per_s": 0.5}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+  assert study.logged_train_seconds(tmp_path) == pytest.approx(50 / 0.5 + 50 / 0.25 + 50 / 0.5
+                                                               + 50 / 0.5)
+  assert study.logged_train_seconds(tmp_path / "nothing") is None
+  recorded = {"train_wall_s": 600.0, "train_cpu_s": 1100.0, "logged_train_s": 500.0}
+  assert study._train_time(recorded, "wall") == "10.0 min"
+  assert study._train_time(recorded, "cpu") == "18.3 min"
+  short = dict(recorded, train_wall_s=200.0, train_cpu_s=300.0)
+  assert study._train_time(short, "wall") == "≥ 8.3 min"
+  assert study._train_time(short, "cpu") == "≥ 5.0 min"
+  assert study._train_time(dict(short, train_cpu_s=None), "cpu") == "–"
+  assert study._train_time(dict(short, logged_train_s=None), "wall") == "3.3 min"
+
+
 def test_interrupted_runs_resume_finished_ones_are_skipped(tmp_path, monkeypatch):
   spec, workdir, calls = _fake_study(tmp_path), tmp_path / "study", []
   _install_fakes(monkeypatch, calls, fail_first_train=True)

@@ -39,6 +39,7 @@ are not a subset: no wins, claims or plot points.
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -50,6 +51,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 
@@ -302,6 +304,25 @@ def validation_curve(folder) -> list[list[float]]:
           if r.get("split") == "val" and r.get(VALIDATION_SCORE) is not None]
 
 
+def logged_train_seconds(folder) -> float | None:
+  """Seconds the run's logged training steps took, from its metrics.jsonl: each train record's
+  steps since the one before over its `steps_per_s` (the last record of a step repeated after a
+  resume counts once). A lower bound of the training time (no start-up, no lost steps), which a
+  marker's recorded time should exceed unless an attempt's time went unrecorded. None if none."""
+  path = pathlib.Path(folder) / "metrics.jsonl"
+  if not path.is_file():
+    return None
+  rates = {}
+  for line in path.read_text().splitlines():
+    record = json.loads(line) if line.strip() else {}
+    if record.get("split") == "train" and record.get("steps_per_s"):
+      rates[int(record["step"])] = float(record["steps_per_s"])
+  seconds, previous = 0.0, 0
+  for step in sorted(rates):
+    seconds, previous = seconds + (step - previous) / rates[step], step
+  return seconds if rates else None
+
+
 def plateau_gain(curve, tail: float = PLATEAU_TAIL) -> float | None:
   """How much the best validation score rose during the last `tail` of the run's steps: the best
   score overall minus the best one before the tail. None without a score before the tail or with
@@ -417,6 +438,47 @@ def run_finished(study: Study, run: Run, seed: int, workdir) -> bool:
   return is_finished(read_marker(run_dir(workdir, run.name, seed)), fp, specs)
 
 
+# How often a running attempt's time so far is written to its marker: a killed process (which runs
+# no `finally`) loses at most this much of it.
+ATTEMPT_CLOCK_EVERY_S = 60.0
+
+
+@contextlib.contextmanager
+def _attempt_clock(folder, marker, record, wall_key, cpu_key, every=None):
+  """Adds the enclosed attempt's wall and CPU seconds to `record[wall_key]`, `record[cpu_key]`
+  (part of `marker`; a None CPU total stays None) and writes the marker: every `every` seconds
+  while it runs (a background thread), and once more when it ends, however it ends."""
+  every = ATTEMPT_CLOCK_EVERY_S if every is None else every
+  wall_base, cpu_base = record[wall_key], record[cpu_key]
+  start, cpu_start = time.perf_counter(), time.process_time()
+  lock, stop = threading.Lock(), threading.Event()
+
+  def update():
+    with lock:
+      record[wall_key] = wall_base + time.perf_counter() - start
+      record[cpu_key] = None if cpu_base is None else cpu_base + time.process_time() - cpu_start
+      _write_marker(folder, marker)
+
+  def keep():
+    while not stop.wait(every):
+      update()
+
+  update()  # the attempt's count is on disk before it starts
+  thread = threading.Thread(target=keep, name="study-attempt-clock", daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    stop.set()
+    thread.join()
+    update()
+
+
+# The report treats a run's training time as incompletely recorded when its logged steps alone took
+# this much longer than the recorded wall time.
+UNRECORDED_TIME_S = 60.0
+
+
 def _cpu_so_far(marker) -> float | None:
   """CPU seconds of the training attempts so far (None: an attempt made before they were
   recorded)."""
@@ -441,15 +503,10 @@ def ensure_finished(study: Study, run: Run, seed: int, workdir, *, progress=Fals
     from hemijax.training import loop
 
     log(f"train {run.name} seed {seed} -> {folder}")
-    start, cpu_start = time.perf_counter(), time.process_time()
-    try:
+    marker["train_cpu_s"] = _cpu_so_far(marker)
+    marker["train_attempts"] += 1
+    with _attempt_clock(folder, marker, marker, "train_wall_s", "train_cpu_s"):
       loop.train(config, folder, progress=progress)
-    finally:  # an interrupted attempt's time counts too
-      marker["train_wall_s"] += time.perf_counter() - start
-      cpu = _cpu_so_far(marker)
-      marker["train_cpu_s"] = None if cpu is None else cpu + time.process_time() - cpu_start
-      marker["train_attempts"] += 1
-      _write_marker(folder, marker)
     marker.update(trained=True, trained_at=_now(), commit=git_commit())
     _write_marker(folder, marker)
   for name, spec in specs.items():
@@ -471,22 +528,16 @@ def _evaluate(folder, name, spec, progress, log, run, seed, marker) -> dict:
   log(f"evaluate {run.name} seed {seed} on {spec['data']} ({spec['split']})")
   out = folder / EVAL_FOLDER / name
   # An interrupted evaluation resumes per case (evaluate_workdir), so its time counts as training's
-  # does: summed over the attempts at this spec, kept in the marker until the evaluation is done
-  # (a killed process runs no `finally`: its attempt is not counted).
+  # does: summed over the attempts at this spec, kept in the marker until the evaluation is done.
   pending = marker.setdefault("evaluations_pending", {})
   if pending.get(name, {}).get("spec") != spec:
     pending[name] = {"spec": spec, "wall_s": 0.0, "cpu_s": 0.0, "attempts": 0}
   attempt = pending[name]
-  start, cpu_start = time.perf_counter(), time.process_time()
-  try:
+  attempt["attempts"] += 1
+  with _attempt_clock(folder, marker, attempt, "wall_s", "cpu_s"):
     summary = evaluate_workdir(folder, data=spec["data"], split=spec["split"], out=out,
                                step=spec["step"], metric_options=spec.get("metric_options"),
                                unknown_regions="ignore", progress=progress)
-  finally:
-    attempt["wall_s"] += time.perf_counter() - start
-    attempt["cpu_s"] += time.process_time() - cpu_start
-    attempt["attempts"] += 1
-    _write_marker(folder, marker)
   wall, cpu, attempts = pending.pop(name)["wall_s"], attempt["cpu_s"], attempt["attempts"]
   reports = [str(pathlib.Path(r).resolve().relative_to(folder.resolve()))
              for r in summary.get("reports", ())
@@ -934,9 +985,11 @@ def build_results(study: Study, workdir, *, command=None) -> dict:
         seeds[str(seed)] = {k: marker.get(k) for k in (
             "trained", "train_wall_s", "train_cpu_s", "train_attempts", "trained_at", "commit")}
         seeds[str(seed)]["evaluations"] = marker.get("evaluations", {})
-        curve = validation_curve(run_dir(workdir, run.name, seed))
+        folder = run_dir(workdir, run.name, seed)
+        curve = validation_curve(folder)
         seeds[str(seed)].update(validation=curve, plateau_gain=plateau_gain(curve),
-                                tail_trend=tail_trend(curve))
+                                tail_trend=tail_trend(curve),
+                                logged_train_s=logged_train_seconds(folder))
     runs.append({"name": run.name, "config": run.config, "preset": run.preset,
                  "overrides": run.overrides, "seeds": list(run.seeds), "finished": seeds})
   measures = run_measures(runs)
@@ -1100,9 +1153,13 @@ def _claims_section(claims) -> list[str]:
 
 
 def _runs_section(results, plots=None) -> list[str]:
-  lines = ["## Runs", "", "Training time: per seed, summed over attempts (an attempt "
-           "interrupted by Ctrl-C or an error counts, one whose process was killed does not; "
-           "includes data loading and compilation). Wall time also counts the "
+  lines = ["## Runs", "", "Training time: per seed, summed over attempts, including data "
+           "loading and compilation (an attempt interrupted by Ctrl-C or an error counts in full; "
+           f"one whose process was killed, up to the last {ATTEMPT_CLOCK_EVERY_S:.0f} s before, "
+           "or, under the study's older code, not at all). ≥: lower bounds, where the run's "
+           "logged training steps alone (`metrics.jsonl`) took more than "
+           f"{UNRECORDED_TIME_S:.0f} s longer than the recorded wall time; the wall time shown is "
+           "then their sum. Wall time also counts the "
            "time other jobs took on the machine (or the process was paused); CPU time (all the "
            "process's threads) does not, so it is the one to compare. Evaluation time: all of "
            "the run's evaluations, each summed over its attempts as training's (an interrupted "
@@ -1128,8 +1185,7 @@ def _runs_section(results, plots=None) -> list[str]:
     lines.append(_row([
         run["name"], f"`{run['config']}:{run['preset']}`", overrides,
         f"{len(done)} of {len(run['seeds'])}",
-        per_seed(lambda i: _duration(i["train_wall_s"])),
-        per_seed(lambda i: _duration(i.get("train_cpu_s"))),
+        per_seed(lambda i: _train_time(i, "wall")), per_seed(lambda i: _train_time(i, "cpu")),
         per_seed(evaluation_time("wall_s")), per_seed(evaluation_time("cpu_s")),
         ", ".join(str(e.get("step")) for i in done.values() for e in i["evaluations"].values())
         or "–",
@@ -1137,6 +1193,17 @@ def _runs_section(results, plots=None) -> list[str]:
   if "validation" in (plots or {}):
     lines += ["", f"![Validation score against step, one line per seed]({plots['validation']})"]
   return lines + [""]
+
+
+def _train_time(info, kind) -> str:
+  """A seed's training wall or CPU time; '≥' lower bounds where an attempt's time went unrecorded
+  (`logged_train_seconds`)."""
+  wall, logged = info["train_wall_s"], info.get("logged_train_s")
+  if logged is None or logged <= wall + UNRECORDED_TIME_S:
+    return _duration(wall if kind == "wall" else info.get("train_cpu_s"))
+  cpu = info.get("train_cpu_s")
+  return "≥ " + _duration(logged) if kind == "wall" else (
+      "–" if cpu is None else "≥ " + _duration(cpu))
 
 
 def _gain(gain, trend) -> str:
