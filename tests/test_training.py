@@ -91,6 +91,39 @@ def test_sigkill_and_resume_gives_the_same_parameters(trained, tmp_path, cache_d
   assert losses(workdir) == losses(trained)
 
 
+def test_sigterm_saves_the_step_reached_and_resuming_repeats_none(tmp_path, cache_dir):
+  """SIGTERM (a scheduler's limit, a study stopped) checkpoints the last completed step, which
+  no checkpoint_every or validation step would have saved; the resumed run matches an
+  uninterrupted one."""
+  def args(workdir):
+    return ["train.py", f"--config={SMOKE}", f"--workdir={workdir}",
+            "--config.train.num_steps=30", "--config.data.batch_size=4",
+            "--config.train.eval_every=100", "--config.train.checkpoint_every=100"]
+
+  reference, workdir = tmp_path / "reference", tmp_path / "terminated"
+  run_cli(args(reference), cache_dir)
+  proc = subprocess.Popen([sys.executable] + args(workdir) + [
+      f"--config.data.cache_dir={cache_dir}", "--progress=false"], cwd=ROOT,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if (workdir / "metrics.jsonl").is_file() and any(s >= 3 for s, _ in losses(workdir)):
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 143, stderr[-2000:]
+  steps = checkpoint_steps(workdir)
+  assert len(steps) == 1 and 3 <= steps[0] < 30, steps   # the step it reached, not step 30
+  assert max(s for s, _ in losses(workdir)) == steps[0]  # logged up to it, not beyond
+  run_cli(args(workdir), cache_dir)
+  resumed, want = final_params(workdir), final_params(reference)
+  for k in want:
+    np.testing.assert_array_equal(resumed[k], want[k], err_msg=k)
+  assert losses(workdir) == losses(reference)
+
+
 def test_data_parallel_over_four_devices_matches_one(trained, tmp_path, cache_dir):
   workdir = tmp_path / "dp4"
   run_cli(["train.py", f"--config={SMOKE}", f"--workdir={workdir}",

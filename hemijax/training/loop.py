@@ -11,6 +11,7 @@ import contextlib
 import json
 import pathlib
 import queue
+import signal
 import threading
 import time
 
@@ -279,6 +280,36 @@ def _start_from_sources(config, workdir, method, state, mesh, lead):
   return dict(state, params=params, model_state=variables)
 
 
+class _StopRequests:
+  """Ctrl-C and SIGTERM (hemijax.cli raises it as Ctrl-C) while a stage's steps run: the first one
+  waits for the end of the current step, which the loop then checkpoints before raising it, so that
+  resuming repeats no step; a second one raises at once. Only signals whose handler is Python's
+  (an exception) are deferred; the others keep their handlers."""
+
+  def __enter__(self):
+    self.pending, self.previous = None, {}
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGINT, signal.SIGTERM):
+        if callable(signal.getsignal(signum)):
+          self.previous[signum] = signal.signal(signum, self._request)
+    return self
+
+  def _request(self, signum, frame):
+    if self.pending is not None:  # asked twice: now
+      self.previous[signum](signum, frame)
+    self.pending = signum
+
+  def raise_pending(self):
+    if self.pending is not None:
+      self.previous[self.pending](self.pending, None)
+
+  def __exit__(self, exc_type, *_):
+    for signum, handler in self.previous.items():
+      signal.signal(signum, handler)
+    if exc_type is None:  # asked after the last step's check
+      self.raise_pending()
+
+
 def _run_stage(config, workdir, method, stage, begin, end, state, optimizer, make_batch, mesh,
                manager, val_volumes, val_masks, tracker, progress, is_last):
   augment = augment_lib.make_augment(config.augment) if config.get("augment") is not None else None
@@ -296,49 +327,58 @@ def _run_stage(config, workdir, method, stage, begin, end, state, optimizer, mak
              disable=not (progress and lead), desc=f"{config.method}:{stage.name}",
              dynamic_ncols=True)
   tick, tick_step = time.perf_counter(), start
-  for step in bar:
-    batch = sharding.put_batch(prefetch.get(step), mesh)
-    state, step_metrics = train_step(state, batch)
-    if not bool(step_metrics["finite"]):
-      raise TrainingError(
-          f"non-finite loss or gradient at step {step}; stopped, the last good checkpoint "
-          f"(step {manager.latest_step()}) is kept in {workdir}/checkpoints")
-    done = step + 1
-    if done % config.train.log_every == 0 or done == end:
-      now = time.perf_counter()
-      host = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "finite"}
-      host["steps_per_s"] = (done - tick_step) / max(now - tick, 1e-9)
-      tick, tick_step = now, done
-      tracker["last"] = dict(step=done, split="train", stage=stage.name, **host)
-      if lead:
-        _append_jsonl(workdir / "metrics.jsonl", tracker["last"])
-      bar.set_postfix(loss=f"{host['loss']:.4f}", it_s=f"{host['steps_per_s']:.1f}")
-    val = None
-    if validates and is_eval_step(done):
-      variables = {"params": state["params"], **state["model_state"]}
-      val = validate(method, variables, val_volumes, val_masks, config)
-      if lead:
-        _append_jsonl(workdir / "metrics.jsonl",
-                      dict(step=done, split="val", stage=stage.name, **val))
-        bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
-    if val is not None or (done - begin) % config.train.checkpoint_every == 0 or done == end:
-      checkpoints.save(manager, done, state, metrics=val)
-    if val is not None:
-      if val[checkpoints.BEST_METRIC] > tracker["best_score"]:
-        tracker["best_score"], tracker["best_step"] = val[checkpoints.BEST_METRIC], done
-        evals_since_best = 0
-        if lead:  # after its checkpoint is saved: the previous best is kept until now
-          checkpoints.record_best(workdir, done, tracker["best_score"])
-      else:
-        evals_since_best += 1
-      if lead:
-        plots.plot_training_curves(workdir / "curves.png", workdir / "metrics.jsonl")
-      patience = config.train.patience
-      # Early stopping ends the run, so it applies to the last stage only.
-      if patience is not None and evals_since_best >= patience and is_last:
+  saved = start  # the last step checkpointed
+  with _StopRequests() as stop:
+    for step in bar:
+      batch = sharding.put_batch(prefetch.get(step), mesh)
+      state, step_metrics = train_step(state, batch)
+      if not bool(step_metrics["finite"]):
+        raise TrainingError(
+            f"non-finite loss or gradient at step {step}; stopped, the last good checkpoint "
+            f"(step {manager.latest_step()}) is kept in {workdir}/checkpoints")
+      done = step + 1
+      if done % config.train.log_every == 0 or done == end:
+        now = time.perf_counter()
+        host = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "finite"}
+        host["steps_per_s"] = (done - tick_step) / max(now - tick, 1e-9)
+        tick, tick_step = now, done
+        tracker["last"] = dict(step=done, split="train", stage=stage.name, **host)
         if lead:
-          bar.write(f"early stopping at step {done}: no improvement in {patience} evaluations")
-          checkpoints.write_json_atomic(workdir / EARLY_STOP_FILE, {"step": done})
-        break
+          _append_jsonl(workdir / "metrics.jsonl", tracker["last"])
+        bar.set_postfix(loss=f"{host['loss']:.4f}", it_s=f"{host['steps_per_s']:.1f}")
+      val = None
+      if validates and is_eval_step(done):
+        variables = {"params": state["params"], **state["model_state"]}
+        val = validate(method, variables, val_volumes, val_masks, config)
+        if lead:
+          _append_jsonl(workdir / "metrics.jsonl",
+                        dict(step=done, split="val", stage=stage.name, **val))
+          bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
+      if val is not None or (done - begin) % config.train.checkpoint_every == 0 or done == end:
+        checkpoints.save(manager, done, state, metrics=val)
+        saved = done
+      if val is not None:
+        if val[checkpoints.BEST_METRIC] > tracker["best_score"]:
+          tracker["best_score"], tracker["best_step"] = val[checkpoints.BEST_METRIC], done
+          evals_since_best = 0
+          if lead:  # after its checkpoint is saved: the previous best is kept until now
+            checkpoints.record_best(workdir, done, tracker["best_score"])
+        else:
+          evals_since_best += 1
+        if lead:
+          plots.plot_training_curves(workdir / "curves.png", workdir / "metrics.jsonl")
+        patience = config.train.patience
+        # Early stopping ends the run, so it applies to the last stage only.
+        if patience is not None and evals_since_best >= patience and is_last:
+          if lead:
+            bar.write(f"early stopping at step {done}: no improvement in {patience} evaluations")
+            checkpoints.write_json_atomic(workdir / EARLY_STOP_FILE, {"step": done})
+          break
+      if stop.pending is not None:
+        # Keep this step; not in a multi-process run, where a save is collective and the other
+        # processes were not stopped.
+        if done > saved and jax.process_count() == 1:
+          checkpoints.save(manager, done, state)
+        stop.raise_pending()
   bar.close()
   return state
