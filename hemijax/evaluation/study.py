@@ -294,12 +294,17 @@ PLATEAU_MIN_TAIL = 2
 VALIDATION_SCORE = "val_score"  # hemijax.training.checkpoints.BEST_METRIC, what "best" picks
 
 
-def validation_curve(folder) -> list[list[float]]:
-  """[[step, validation score], ...] of a run, from its metrics.jsonl (empty if none)."""
+def _metrics_records(folder) -> list[dict]:
+  """The records of a run's metrics.jsonl (none if it has none)."""
   path = pathlib.Path(folder) / "metrics.jsonl"
   if not path.is_file():
     return []
-  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def validation_curve(folder) -> list[list[float]]:
+  """[[step, validation score], ...] of a run, from its metrics.jsonl (empty if none)."""
+  records = _metrics_records(folder)
   return [[int(r["step"]), float(r[VALIDATION_SCORE])] for r in records
           if r.get("split") == "val" and r.get(VALIDATION_SCORE) is not None]
 
@@ -309,14 +314,8 @@ def logged_train_seconds(folder) -> float | None:
   steps since the one before over its `steps_per_s` (the last record of a step repeated after a
   resume counts once). A lower bound of the training time (no start-up, no lost steps), which a
   marker's recorded time should exceed unless an attempt's time went unrecorded. None if none."""
-  path = pathlib.Path(folder) / "metrics.jsonl"
-  if not path.is_file():
-    return None
-  rates = {}
-  for line in path.read_text().splitlines():
-    record = json.loads(line) if line.strip() else {}
-    if record.get("split") == "train" and record.get("steps_per_s"):
-      rates[int(record["step"])] = float(record["steps_per_s"])
+  rates = {int(r["step"]): float(r["steps_per_s"]) for r in _metrics_records(folder)
+           if r.get("split") == "train" and r.get("steps_per_s")}
   seconds, previous = 0.0, 0
   for step in sorted(rates):
     seconds, previous = seconds + (step - previous) / rates[step], step
@@ -451,13 +450,12 @@ def _attempt_clock(folder, marker, record, wall_key, cpu_key, every=None):
   every = ATTEMPT_CLOCK_EVERY_S if every is None else every
   wall_base, cpu_base = record[wall_key], record[cpu_key]
   start, cpu_start = time.perf_counter(), time.process_time()
-  lock, stop = threading.Lock(), threading.Event()
+  stop = threading.Event()
 
-  def update():
-    with lock:
-      record[wall_key] = wall_base + time.perf_counter() - start
-      record[cpu_key] = None if cpu_base is None else cpu_base + time.process_time() - cpu_start
-      _write_marker(folder, marker)
+  def update():  # the thread's updates end (join) before the last one
+    record[wall_key] = wall_base + time.perf_counter() - start
+    record[cpu_key] = None if cpu_base is None else cpu_base + time.process_time() - cpu_start
+    _write_marker(folder, marker)
 
   def keep():
     while not stop.wait(every):
