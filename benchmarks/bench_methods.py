@@ -9,7 +9,8 @@ For every config, builds the method once per `config.model.conv_impl` in `--impl
 lowers to) and times, alternating them round by round: the jitted training step of every
 training stage on a batch of the stage's own sampler, and inference on one whole validation
 volume with all modalities (2D models slice by slice, 3D by the config's sliding window). Prints median seconds, the speed-up, voxels/s
-and XLA's buffer assignment of the training step. The phantom data of each config is generated
+XLA's FLOP count of the training step (its cost analysis) with the rate achieved, and XLA's buffer
+assignment of the training step. The phantom data of each config is generated
 (cached) if it is not there yet.
 """
 import argparse
@@ -22,7 +23,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import compiled_memory, load_config, time_interleaved  # noqa: E402
+from benchmarks.common import compiled_flops, compiled_memory, load_config, time_interleaved  # noqa: E402
 from hemijax import runtime  # noqa: E402
 from hemijax.inference import sliding_window as inference  # noqa: E402
 from hemijax.data import datasets  # noqa: E402
@@ -37,7 +38,8 @@ IMPLS = ("auto", "xla")
 
 
 def build_cases(spec: str, impls=IMPLS):
-  """{stage: (train cases, XLA buffer bytes, voxels per batch)}, inference cases, volume voxels."""
+  """{stage: (train cases, XLA buffer bytes, voxels per batch, XLA FLOPs per step)}, inference
+  cases, volume voxels."""
   stages, infer_cases = {}, {}
   for impl in impls:
     config = load_config(spec)
@@ -60,9 +62,11 @@ def build_cases(spec: str, impls=IMPLS):
       else:
         state = dict(state, opt_state=optimizer.init(state["params"]))
       train_step = jax.jit(step_lib.make_train_step(stage.loss_fn, optimizer, 0))
-      cases, memory, _ = stages.setdefault(stage.name, ({}, {}, _image_voxels(batch)))
+      cases, memory, _, flops = stages.setdefault(stage.name,
+                                                  ({}, {}, _image_voxels(batch), {}))
       cases[impl] = (train_step, (state, batch))
       memory[impl] = compiled_memory(train_step, state, batch)["peak"]
+      flops[impl] = compiled_flops(train_step, state, batch)
 
     volume = load_split("val")[0]
     variables = {"params": state["params"], **state["model_state"]}
@@ -100,14 +104,15 @@ def main(argv=None):
   train_cols = " | ".join(f"{i} s" for i in impls)
   ratio_cols = " | ".join(f"{first} speed-up over {o}" for o in others)
   lines = [f"| config, stage | train step: {train_cols} | {ratio_cols} | voxels/s ({first}) "
+           f"| GFLOP per step, XLA's count ({first}) | GFLOP/s ({first}) "
            f"| XLA buffers {' / '.join(impls)} | inference, one volume: {train_cols} | "
            f"{ratio_cols} |",
-           "|---|" + "---:|" * (2 * len(impls) + 2 * len(others) + 2)]
+           "|---|" + "---:|" * (2 * len(impls) + 2 * len(others) + 4)]
   for spec in args.configs.split(","):
     log(f"{spec}")
     stages, infer_cases, volume_voxels = build_cases(spec, impls)
     infer = time_interleaved(infer_cases, repeats=args.repeats, log=log)
-    for i, (stage, (cases, memory, voxels)) in enumerate(stages.items()):
+    for i, (stage, (cases, memory, voxels, flops)) in enumerate(stages.items()):
       train = time_interleaved(cases, repeats=args.repeats, log=log)
       t = {k: train[k].median for k in impls}
       if i == 0:
@@ -119,7 +124,8 @@ def main(argv=None):
       lines.append(
           f"| `{spec}` {stage} | " + " | ".join(f"{t[k]:.3f}" for k in impls) + " | "
           + " | ".join(f"{t[o] / t[first]:.2f}x" for o in others)
-          + f" | {voxels / t[first]:,.0f} | "
+          + f" | {voxels / t[first]:,.0f} | {flops[first] / 1e9:.2f} | "
+          + f"{flops[first] / t[first] / 1e9:.1f} | "
           + " / ".join(f"{memory[k] / 2**20:,.0f}" for k in impls)
           + f" MiB | {inference_cells} |")
   print(f"# bench_methods, jax {jax.__version__} on {jax.default_backend()}; medians of "

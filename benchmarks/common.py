@@ -94,6 +94,15 @@ def compiled_memory(jitted: Callable, *args) -> dict[str, int]:
   return out
 
 
+def compiled_flops(jitted: Callable, *args) -> float:
+  """FLOPs of one call of `jitted(*args)` as XLA's cost analysis counts them (every op, not only
+  the convolutions)."""
+  analysis = jitted.lower(*args).compile().cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # one entry per device program on older JAX
+    analysis = analysis[0]
+  return float(analysis.get("flops", 0.0))
+
+
 def load_config(spec: str):
   """A config from `path[:preset]` (as train.py's --config takes it), relative to the repository."""
   path, _, preset = spec.partition(":")
