@@ -23,7 +23,8 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import compiled_flops, compiled_memory, load_config, time_interleaved  # noqa: E402
+from benchmarks.common import (executable_flops, executable_memory, load_config,  # noqa: E402
+                               time_interleaved)
 from hemijax import runtime  # noqa: E402
 from hemijax.inference import sliding_window as inference  # noqa: E402
 from hemijax.data import datasets  # noqa: E402
@@ -65,8 +66,9 @@ def build_cases(spec: str, impls=IMPLS):
       cases, memory, _, flops = stages.setdefault(stage.name,
                                                   ({}, {}, _image_voxels(batch), {}))
       cases[impl] = (train_step, (state, batch))
-      memory[impl] = compiled_memory(train_step, state, batch)["peak"]
-      flops[impl] = compiled_flops(train_step, state, batch)
+      compiled = train_step.lower(state, batch).compile()  # once for both analyses
+      memory[impl] = executable_memory(compiled)["peak"]
+      flops[impl] = executable_flops(compiled)
 
     volume = load_split("val")[0]
     variables = {"params": state["params"], **state["model_state"]}

@@ -85,19 +85,24 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def compiled_memory(jitted: Callable, *args) -> dict[str, int]:
-  """XLA's buffer assignment for `jitted(*args)`, in bytes: arguments, outputs, temporaries and
-  their sum less aliased (donated) bytes, the peak the executable holds while it runs."""
-  stats = jitted.lower(*args).compile().memory_analysis()
+  """XLA's buffer assignment for `jitted(*args)`, in bytes (`executable_memory`)."""
+  return executable_memory(jitted.lower(*args).compile())
+
+
+def executable_memory(compiled) -> dict[str, int]:
+  """XLA's buffer assignment of a compiled executable, in bytes: arguments, outputs, temporaries
+  and their sum less aliased (donated) bytes, the peak the executable holds while it runs."""
+  stats = compiled.memory_analysis()
   out = {"argument": stats.argument_size_in_bytes, "output": stats.output_size_in_bytes,
          "temp": stats.temp_size_in_bytes, "alias": stats.alias_size_in_bytes}
   out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
   return out
 
 
-def compiled_flops(jitted: Callable, *args) -> float:
-  """FLOPs of one call of `jitted(*args)` as XLA's cost analysis counts them (every op, not only
-  the convolutions)."""
-  analysis = jitted.lower(*args).compile().cost_analysis()
+def executable_flops(compiled) -> float:
+  """FLOPs of one call of a compiled executable as XLA's cost analysis counts them (every op, not
+  only the convolutions)."""
+  analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # one entry per device program on older JAX
     analysis = analysis[0]
   return float(analysis.get("flops", 0.0))
