@@ -17,7 +17,7 @@ from jax import lax
 from hemijax.nn import layers
 from hemijax.models.hemis import HeMIS
 
-IMPLS = ("planes", "slots", "matmul")
+IMPLS = ("planes", "slots", "onednn", "matmul")
 TOL = 1e-5
 
 
@@ -107,7 +107,7 @@ def test_random_3d_matches_lax(data):
   max_work = draw(st.sampled_from((0, 1 << 62)))
   with mock.patch.object(conv_lib, "_PLANES_KERNEL_GRAD_MAX_WORK", max_work):
     # "slots" in 3D is XLA's own convolution and gradients (the reference): the grid covers it.
-    check_against_lax(("planes", "matmul"), x, kernel, strides, dilation, padding)
+    check_against_lax(("planes", "onednn", "matmul"), x, kernel, strides, dilation, padding)
 
 
 @pytest.mark.parametrize("spatial,cin,cout,planes", [
@@ -124,6 +124,22 @@ def test_kernel_gradient_rule_per_layer(spatial, cin, cout, planes):
   with spy("_planes_kernel_grad") as a, spy("_kernel_grad_loop") as b:
     jax.make_jaxpr(grad)(kernel)
   assert (a.call_count, b.call_count) == ((1, 0) if planes else (0, 1))
+
+
+def test_onednn_runs_onednn_where_this_jaxlib_does_and_planes_elsewhere():
+  """On this (CPU) jaxlib the call passes its check and is used, forward and input gradient;
+  where the check fails (another jaxlib), or for bfloat16, the same layer lowers as "planes"."""
+  from hemijax.nn import onednn
+
+  x, kernel = jnp.ones((1, 6, 6, 6, 4)), jnp.ones((3, 3, 3, 4, 4))
+  program = lambda x, k: jax.grad(lambda x, k: layers.conv(x, k, impl="onednn").sum(),
+                                  (0, 1))(x, k)
+  assert onednn.available()
+  assert str(jax.make_jaxpr(program)(x, kernel)).count("onednn_convolution") == 2
+  assert "onednn_convolution" not in str(jax.make_jaxpr(program)(x.astype(jnp.bfloat16),
+                                                                kernel.astype(jnp.bfloat16)))
+  with mock.patch.object(onednn, "available", return_value=False):  # (new shapes: not cached)
+    assert "onednn_convolution" not in str(jax.make_jaxpr(program)(x[:, 1:], kernel))
 
 
 def test_hemis_shapes_match_lax():

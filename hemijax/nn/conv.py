@@ -15,6 +15,10 @@ spatial dims. `impl` picks the lowering (all give the same numbers up to float r
 - "slots": XLA's convolution and XLA's own gradients, but a vmapped kernel runs one ungrouped
   convolution per slot (forward and backward) instead of a grouped one. On CPU XLA's 2D kernel
   gradient beats `_kernel_grad`, so this is what "auto" uses for 1D and 2D layers.
+- "onednn": oneDNN's direct convolution, the library PyTorch runs on CPU, through the custom call
+  XLA:CPU executes itself (`hemijax.nn.onednn`); the input gradient is the same call (flipped
+  kernel), the kernel gradient as "planes" computes it. Where this jaxlib does not run the call
+  correctly (`onednn.available()`, checked once per process), or for other dtypes, "planes".
 - "matmul": shifted views contracted with `lax.dot_general`, block by block in a loop; no
   convolution primitive at all (any backend, any rank). Slower than "planes" on CPU, kept as the
   portable matrix-product reference.
@@ -22,8 +26,9 @@ spatial dims. `impl` picks the lowering (all give the same numbers up to float r
   (the faster of the two for each, measured with benchmarks/bench_methods.py on every method's
   demo config; docs/performance.md); "xla" elsewhere.
 
-"planes", "slots" and "matmul" define their own reverse-mode derivative (`jax.custom_vjp`):
-`jax.grad` and `jax.vjp` work, forward-mode (`jax.jvp`, `jax.jacfwd`) does not; use "xla" for that.
+"planes", "slots", "onednn" and "matmul" define their own reverse-mode derivative
+(`jax.custom_vjp`): `jax.grad` and `jax.vjp` work, forward-mode (`jax.jvp`, `jax.jacfwd`) does
+not; use "xla" for that.
 """
 from __future__ import annotations
 
@@ -37,7 +42,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_batching import custom_vmap
 
-IMPLS = ("auto", "xla", "planes", "slots", "matmul")
+from hemijax.nn import onednn
+
+IMPLS = ("auto", "xla", "planes", "slots", "onednn", "matmul")
 # A Module class, or a `functools.partial` of one with fields bound (flax examples' `ModuleDef`).
 ModuleDef = Any
 
@@ -220,6 +227,12 @@ def _planes_forward(x, kernel, strides, dilation, pads):
                 pads[1:])
     out = out + y
   return out.reshape((b, d_out) + out.shape[1:])
+
+
+def _onednn_forward(x, kernel, strides, dilation, pads):
+  if onednn.supports(x, kernel) and onednn.available():
+    return onednn.conv(x, kernel, strides, dilation, pads)
+  return _planes_forward(x, kernel, strides, dilation, pads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,7 +473,8 @@ def _custom_conv_bwd(strides, dilation, pads, impl, residuals, g):
 
 
 _custom_conv.defvjp(_custom_conv_fwd, _custom_conv_bwd)
-_FORWARD = {"planes": _planes_forward, "slots": _xla_conv, "matmul": _matmul_forward}
+_FORWARD = {"planes": _planes_forward, "slots": _xla_conv, "onednn": _onednn_forward,
+            "matmul": _matmul_forward}
 
 
 def conv(x, kernel, *, strides=1, dilation=1, padding="SAME", impl="auto"):
