@@ -17,8 +17,9 @@ spatial dims. `impl` picks the lowering (all give the same numbers up to float r
   gradient beats `_kernel_grad`, so this is what "auto" uses for 1D and 2D layers.
 - "onednn": oneDNN's direct convolution, the library PyTorch runs on CPU, through the custom call
   XLA:CPU executes itself (`hemijax.nn.onednn`); the input gradient is the same call (flipped
-  kernel), the kernel gradient as "planes" computes it. Where this jaxlib does not run the call
-  correctly (`onednn.available()`, checked once per process), or for other dtypes, "planes".
+  kernel), the kernel gradient as "planes" computes it in 3D and as "slots" in 1D and 2D. Where
+  this jaxlib does not run the call correctly (`onednn.available()`, checked once per process),
+  or for other dtypes, the forward is "planes"'.
 - "matmul": shifted views contracted with `lax.dot_general`, block by block in a loop; no
   convolution primitive at all (any backend, any rank). Slower than "planes" on CPU, kept as the
   portable matrix-product reference.
@@ -445,18 +446,22 @@ def _custom_conv_fwd(x, kernel, strides, dilation, pads, impl):
   return _custom_conv(x, kernel, strides, dilation, pads, impl), (x, kernel)
 
 
-def _xla_conv_grads(x, kernel, g, strides, dilation, pads):
-  """(dL/dx, dL/dkernel) by XLA's own convolution gradients; under vmap one ungrouped pair per
-  slot (vmap would make the kernel gradient a grouped convolution, slow on XLA:CPU)."""
+def _xla_conv_grads(x, kernel, g, strides, dilation, pads, kernel_only=False):
+  """(dL/dx, dL/dkernel), or (dL/dkernel,) with `kernel_only`, by XLA's own convolution
+  gradients; under vmap one ungrouped call per slot (vmap would make the kernel gradient a grouped
+  convolution, slow on XLA:CPU)."""
   @custom_vmap
   def grads(x, kernel, g):
+    if kernel_only:
+      return jax.vjp(lambda k: _xla_conv(x, k, strides, dilation, pads), kernel)[1](g)
     _, vjp = jax.vjp(lambda a, k: _xla_conv(a, k, strides, dilation, pads), x, kernel)
     return vjp(g)
 
   @grads.def_vmap
   def grads_batched(axis_size, in_batched, x, kernel, g):
-    return _stack_per_slot(lambda x, k, g: _xla_conv_grads(x, k, g, strides, dilation, pads),
-                           axis_size, in_batched, x, kernel, g), (True, True)
+    one_slot = lambda x, k, g: _xla_conv_grads(x, k, g, strides, dilation, pads, kernel_only)
+    out = _stack_per_slot(one_slot, axis_size, in_batched, x, kernel, g)
+    return out, (True,) * len(out)
 
   return grads(x, kernel, g)
 
@@ -468,7 +473,11 @@ def _custom_conv_bwd(strides, dilation, pads, impl, residuals, g):
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
   forward = functools.partial(_slotwise, _FORWARD[impl])
   dx = _input_grad(forward, g, kernel, x.shape[1:-1], strides, dilation, pads)
-  dk = _kernel_grad(x, g, kernel.shape[:-2], strides, dilation, pads)
+  if impl == "onednn" and kernel.ndim < 5:
+    # 1D and 2D: XLA's own kernel gradient beats `_kernel_grad` there (see "slots").
+    (dk,) = _xla_conv_grads(x, kernel, g, strides, dilation, pads, kernel_only=True)
+  else:
+    dk = _kernel_grad(x, g, kernel.shape[:-2], strides, dilation, pads)
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
