@@ -29,17 +29,19 @@ TARGET = "__onednn$convolution"
 _conv_p = jex_core.Primitive("onednn_convolution")
 
 
-def _output_shape(x_shape, window, cout, strides, dilation, pads):
-  spatial = tuple((n + lo + hi - (k - 1) * r - 1) // s + 1
-                  for n, k, s, r, (lo, hi) in zip(x_shape[1:-1], window, strides, dilation, pads))
-  return (x_shape[0],) + spatial + (cout,)
+def _lax_conv(x, kernel, strides, dilation, pads):
+  """The same convolution by XLA: the call's shape rule and the reference of `available()`."""
+  nd = kernel.ndim - 2
+  spec = "N" + "DHW"[-nd:] + "C"
+  return lax.conv_general_dilated(x, kernel, strides, pads, rhs_dilation=dilation,
+                                  dimension_numbers=(spec, "DHW"[-nd:] + "IO", spec))
 
 
 @_conv_p.def_abstract_eval
 def _abstract_eval(x, kernel, *, strides, dilation, pads):
-  window = kernel.shape[:-2]
-  return jax.core.ShapedArray(
-      _output_shape(x.shape, window, kernel.shape[-1], strides, dilation, pads), x.dtype)
+  out = jax.eval_shape(functools.partial(_lax_conv, strides=strides, dilation=dilation,
+                                         pads=pads), x, kernel)
+  return jax.core.ShapedArray(out.shape, out.dtype)
 
 
 @_conv_p.def_impl
@@ -109,9 +111,7 @@ def available() -> bool:
                                           (2, (1, 1), (1, 1), ((1, 1), (1, 1)))):
         x = jnp.asarray(rng.standard_normal((2,) + (7,) * nd + (3,)), jnp.float32)
         kernel = jnp.asarray(rng.standard_normal((3,) * nd + (3, 5)), jnp.float32)
-        spec = "N" + "DHW"[-nd:] + "C"
-        want = lax.conv_general_dilated(x, kernel, strides, pads, rhs_dilation=dilation,
-                                        dimension_numbers=(spec, "DHW"[-nd:] + "IO", spec))
+        want = _lax_conv(x, kernel, strides, dilation, pads)
         got = jax.jit(conv, static_argnums=(2, 3, 4))(x, kernel, strides, dilation, pads)
         if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-4):
           return False
