@@ -60,7 +60,7 @@ def compiled_steps(spec, max_work):
   with mock.patch.object(conv_lib, "_PLANES_KERNEL_GRAD_MAX_WORK", max_work):
     stages, _, _ = build_cases(spec, ("auto",))
     return {stage: (step.lower(*args).compile(), args)
-            for stage, (cases, _, _) in stages.items() for step, args in [cases["auto"]]}
+            for stage, (cases, *_) in stages.items() for step, args in [cases["auto"]]}
 
 
 def main(argv=None):

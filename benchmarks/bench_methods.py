@@ -29,7 +29,7 @@ from hemijax import runtime  # noqa: E402
 from hemijax.inference import sliding_window as inference  # noqa: E402
 from hemijax.data import datasets  # noqa: E402
 from hemijax.models import get_method  # noqa: E402
-from hemijax.nn.conv import IMPLS as IMPLS_ALLOWED  # noqa: E402
+from hemijax.nn.conv import IMPLS as IMPLS_ALLOWED, resolve_impl  # noqa: E402
 from hemijax.training import stages as stages_lib, step as step_lib  # noqa: E402
 
 DEMOS = ("configs/hemis.py:demo", "configs/unet.py:demo_dropout", "configs/mlp_impute.py:demo",
@@ -130,9 +130,10 @@ def main(argv=None):
           + f"{flops[first] / t[first] / 1e9:.1f} | "
           + " / ".join(f"{memory[k] / 2**20:,.0f}" for k in impls)
           + f" MiB | {inference_cells} |")
+  resolved = ", ".join(f"{nd}D layers {resolve_impl('auto', nd)}" for nd in (1, 2, 3))
   print(f"# bench_methods, jax {jax.__version__} on {jax.default_backend()}; medians of "
-        f"{args.repeats} rounds, cases alternated; \"auto\" resolves per layer to "
-        f"{'planes (3D) and slots (1D, 2D)' if jax.default_backend() == 'cpu' else 'xla'} here; "
+        f"{args.repeats} rounds, cases alternated; \"auto\" resolves to "
+        f"{resolved} here; "
         f"allocator: {allocator}")
   print("\n".join(lines))
 

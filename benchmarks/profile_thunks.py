@@ -57,7 +57,7 @@ def main(argv=None):
                else "glibc default")  # as train.py / predict.py do
   stages, infer_cases, _ = bench_methods.build_cases(args.config, impls=("auto",))
   if args.task == "train":
-    stage, (cases, _, _) = next(iter(stages.items()))
+    stage, (cases, *_) = next(iter(stages.items()))
     step, step_args = cases["auto"]
     call = lambda: jax.block_until_ready(step(*step_args))
     label = f"train step ({stage} stage)"

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from jax import lax
 
-from hemijax.nn import layers
+from hemijax.nn import layers, onednn
 from hemijax.models.hemis import HeMIS
 
 IMPLS = ("planes", "slots", "onednn", "matmul")
@@ -129,7 +129,6 @@ def test_kernel_gradient_rule_per_layer(spatial, cin, cout, planes):
 def test_onednn_runs_onednn_where_this_jaxlib_does_and_planes_elsewhere():
   """On this (CPU) jaxlib the call passes its check and is used, forward and input gradient;
   where the check fails (another jaxlib), or for bfloat16, the same layer lowers as "planes"."""
-  from hemijax.nn import onednn
 
   x, kernel = jnp.ones((1, 6, 6, 6, 4)), jnp.ones((3, 3, 3, 4, 4))
   program = lambda x, k: jax.grad(lambda x, k: layers.conv(x, k, impl="onednn").sum(),
@@ -213,9 +212,15 @@ def test_nested_vmap_and_2d():
     assert rel_err(got, ref) < TOL
 
 
-def test_auto_and_unknown_impl():
+def test_auto_and_unknown_impl(monkeypatch):
   cpu = jax.default_backend() == "cpu"
-  assert layers.resolve_impl("auto") == ("planes" if cpu else "xla")
+  with_onednn = "onednn" if cpu and onednn.available() else None
+  assert layers.resolve_impl("auto") == (with_onednn or ("planes" if cpu else "xla"))
+  for nd in (1, 2, 3):
+    assert layers.resolve_impl("auto", nd) == (with_onednn or ("xla" if not cpu else
+                                                               "planes" if nd == 3 else "slots"))
+  # Where this jaxlib does not run oneDNN's call: planes (3D) and slots (1D, 2D) on CPU.
+  monkeypatch.setattr(onednn, "available", lambda: False)
   assert layers.resolve_impl("auto", 3) == ("planes" if cpu else "xla")
   assert layers.resolve_impl("auto", 2) == ("slots" if cpu else "xla")
   assert layers.resolve_impl("auto", 1) == ("slots" if cpu else "xla")

@@ -14,7 +14,8 @@ spatial dims. `impl` picks the lowering (all give the same numbers up to float r
   instead of becoming a grouped convolution.
 - "slots": XLA's convolution and XLA's own gradients, but a vmapped kernel runs one ungrouped
   convolution per slot (forward and backward) instead of a grouped one. On CPU XLA's 2D kernel
-  gradient beats `_kernel_grad`, so this is what "auto" uses for 1D and 2D layers.
+  gradient beats `_kernel_grad`, so this is what "auto" uses for 1D and 2D layers where
+  "onednn" is not available.
 - "onednn": oneDNN's direct convolution, the library PyTorch runs on CPU, through the custom call
   XLA:CPU executes itself (`hemijax.nn.onednn`); the input gradient is the same call (flipped
   kernel), the kernel gradient as "planes" computes it in 3D and as "slots" in 1D and 2D. Where
@@ -23,9 +24,11 @@ spatial dims. `impl` picks the lowering (all give the same numbers up to float r
 - "matmul": shifted views contracted with `lax.dot_general`, block by block in a loop; no
   convolution primitive at all (any backend, any rank). Slower than "planes" on CPU, kept as the
   portable matrix-product reference.
-- "auto": on CPU (`jax.default_backend()`) "planes" for 3D layers and "slots" for 1D and 2D ones
-  (the faster of the two for each, measured with benchmarks/bench_methods.py on every method's
-  demo config; docs/performance.md); "xla" elsewhere.
+- "auto": on CPU (`jax.default_backend()`) "onednn" where this jaxlib runs its call
+  (`onednn.available()`), else "planes" for 3D layers and "slots" for 1D and 2D ones; "xla"
+  elsewhere. "onednn" was the fastest of the three on every method's demo config, training and
+  inference, and "planes"/"slots" the faster without it (benchmarks/bench_methods.py;
+  docs/performance.md).
 
 "planes", "slots", "onednn" and "matmul" define their own reverse-mode derivative
 (`jax.custom_vjp`): `jax.grad` and `jax.vjp` work, forward-mode (`jax.jvp`, `jax.jacfwd`) does
@@ -50,10 +53,11 @@ IMPLS = ("auto", "xla", "planes", "slots", "onednn", "matmul")
 ModuleDef = Any
 
 # Values (input + output channels per output position) that `_kernel_grad` and the "matmul" forward
-# handle per loop step: 4 MiB of float32. Products this large are split across cores by XLA:CPU;
-# with cache-sized blocks (256 KiB) one core sat idle: benchmarks/bench_conv.py timed the HeMIS-3D
-# train step at 1.854 s with those against 1.408 s with these (docs/performance.md).
-_BLOCK_ELEMENTS = 1 << 20
+# handle per loop step: 1.5 MiB of float32, about one core's L2 cache. Much smaller blocks
+# (256 KiB) left a core idle, larger ones (4 MiB) spill: the HeMIS-3D train step took 1.12 s with
+# these against 1.34 s with 4 MiB blocks, 1.408 s against 1.854 s with 256 KiB on another CPU
+# (docs/performance.md).
+_BLOCK_ELEMENTS = 3 << 17
 # ... but at least this many output positions per step, so that per-step costs stay small.
 _MIN_BLOCK = 256
 # 3D, stride 1: below this many (depth taps x input channels), fold the depth taps into the input
@@ -77,13 +81,15 @@ def _tuple(value, n):
 
 
 def resolve_impl(impl: str, spatial_dims: int = 3) -> str:
-  """Validates `impl` and resolves "auto" for a layer of `spatial_dims`: on CPU "planes" for 3D,
-  "slots" for 1D and 2D; "xla" on GPU/TPU."""
+  """Validates `impl` and resolves "auto" for a layer of `spatial_dims`: on CPU "onednn" where
+  `onednn.available()`, else "planes" for 3D and "slots" for 1D and 2D; "xla" on GPU/TPU."""
   if impl not in IMPLS:
     raise ValueError(f"unknown convolution impl {impl!r}; choose one of {IMPLS}")
   if impl == "auto":
     if jax.default_backend() != "cpu":
       return "xla"
+    if onednn.available():
+      return "onednn"
     return "planes" if spatial_dims == 3 else "slots"
   return impl
 
