@@ -54,9 +54,9 @@ ModuleDef = Any
 
 # Values (input + output channels per output position) that `_kernel_grad` and the "matmul" forward
 # handle per loop step: 1.5 MiB of float32, about one core's L2 cache. Much smaller blocks
-# (256 KiB) left a core idle, larger ones (4 MiB) spill: the HeMIS-3D train step took 1.12 s with
-# these against 1.34 s with 4 MiB blocks, 1.408 s against 1.854 s with 256 KiB on another CPU
-# (docs/performance.md).
+# (256 KiB) left a core idle; against 4 MiB blocks the loop alone ran 1.14x faster on HeMIS-3D's
+# 48 -> 48 layers and 1.35x on its 96 -> 16 front end (benchmarks/bench_block_size.py;
+# docs/performance.md).
 _BLOCK_ELEMENTS = 3 << 17
 # ... but at least this many output positions per step, so that per-step costs stay small.
 _MIN_BLOCK = 256
