@@ -57,9 +57,7 @@ def dk_cf(x, g, window, pads, target_k=8192, stack="w", split=1):
   bounds = [nblk * j // split for j in range(split + 1)]
   acc0 = jnp.zeros((nl, M, co), jnp.float32)
   acc = sum(lax.fori_loop(lo, hi, step, acc0) for lo, hi in zip(bounds[:-1], bounds[1:]))
-  # acc[lead, (tap_in, ci), co]
-  if stack == "hw":
-    return acc.reshape(kd, kh, kw, ci, co)
+  # acc[lead, (tap_in, ci), co]: leads and stacked taps together run (kd, kh, kw) row-major.
   return acc.reshape(kd, kh, kw, ci, co)
 
 cases_shapes = [(2, 32, 48, 48), (2, 32, 96, 16), (2, 32, 1, 48), (2, 32, 16, 4)]

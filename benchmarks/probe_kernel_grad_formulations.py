@@ -62,7 +62,7 @@ def loop(x, g): return C._kernel_grad_loop(x, g, (3,3,3), (1,)*3, (1,)*3, pads)
 def flat(x, g, use_mm=False, fold_w=True):
   # padded grid: x at [1:S+1] in a (S+2)^3... use pads lo=1 hi=1; g at [0:S] top-left
   xp = jnp.pad(x, ((0,0),(1,1),(1,1),(1,1),(0,0)))
-  D = H = W = S + 2
+  H = W = S + 2  # padded edge
   gp = jnp.pad(g, ((0,0),(0,2),(0,2),(0,2),(0,0)))
   if fold_w:
     # im2col in w only: xw[..., w, (kw, ci)] = xp[..., w+kw, ci]
